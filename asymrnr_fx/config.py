@@ -1,0 +1,130 @@
+"""The one configuration of the AsymRnR transformation, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .schedule import Schedule
+
+DISTANCES = ("euclidean", "cosine")
+REDUCE_MODES = ("replace", "mean")
+SPLITS = ("random", "fixed")
+COMPILERS = ("inductor", "aot_eager", "eager")
+ON_UNSUPPORTED = ("error", "warn")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}. Use e.g. {name}=0.5.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _check_stride(stride: Any) -> tuple[int, int, int]:
+    ok = isinstance(stride, (tuple, list)) and len(stride) == 3
+    if not ok or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in stride):
+        raise ConfigError(
+            f"dst_stride must be three positive ints (frames, height, width), got {stride!r}. "
+            "Use e.g. dst_stride=(2, 2, 2)."
+        )
+    if tuple(stride) == (1, 1, 1):
+        raise ConfigError("dst_stride=(1, 1, 1) makes every token a destination: nothing can be reduced.")
+    return tuple(stride)
+
+
+@dataclass(frozen=True)
+class AsymRnRConfig:
+    """Asymmetric reduction and restoration of attention tokens.
+
+    q_ratio / kv_ratio / h_ratio: constant reduction ratios, used when `schedule` is None.
+    h_ratio > 0 selects the symmetric mode (ToMe-style: Q, K and V reduced alike) and cannot be
+    combined with q_ratio / kv_ratio. `schedule` gives a ratio per (feature, block, step).
+    """
+
+    q_ratio: float = 0.5
+    kv_ratio: float = 0.3
+    h_ratio: float = 0.0
+    schedule: Schedule | None = None
+    matching_every: int = 5
+    dst_stride: tuple[int, int, int] = (2, 2, 2)
+    split: str = "random"
+    seed: int = 0
+    distance: str = "euclidean"
+    reduce_mode: str = "replace"
+    max_match_elements: int = 1 << 24
+    compiler: str = "inductor"
+    mode: str | None = None
+    inductor_options: dict[str, Any] = field(default_factory=dict)
+    on_unsupported: str = "error"
+    auto_step: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("q_ratio", "kv_ratio", "h_ratio"):
+            _check_ratio(name, getattr(self, name))
+        if self.h_ratio > 0 and (self.q_ratio > 0 or self.kv_ratio > 0):
+            raise ConfigError(
+                f"h_ratio={self.h_ratio} (symmetric mode) cannot be combined with q_ratio={self.q_ratio} "
+                f"or kv_ratio={self.kv_ratio}. Set q_ratio=0 and kv_ratio=0, or h_ratio=0."
+            )
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
+            raise ConfigError(f"schedule must be an asymrnr_fx.Schedule, got {type(self.schedule).__name__}.")
+        if isinstance(self.matching_every, bool) or not isinstance(self.matching_every, int) or self.matching_every < 1:
+            raise ConfigError(f"matching_every must be an int >= 1, got {self.matching_every!r}.")
+        object.__setattr__(self, "dst_stride", _check_stride(self.dst_stride))
+        _check_choice("split", self.split, SPLITS)
+        _check_choice("distance", self.distance, DISTANCES)
+        _check_choice("reduce_mode", self.reduce_mode, REDUCE_MODES)
+        _check_choice("compiler", self.compiler, COMPILERS)
+        _check_choice("on_unsupported", self.on_unsupported, ON_UNSUPPORTED)
+        if self.max_match_elements < 1:
+            raise ConfigError(f"max_match_elements must be >= 1, got {self.max_match_elements!r}.")
+
+    @property
+    def enabled(self) -> bool:
+        """False when nothing can ever be reduced: the backend then leaves the graph untouched."""
+        if self.schedule is not None:
+            return not self.schedule.all_zero
+        return self.q_ratio > 0 or self.kv_ratio > 0 or self.h_ratio > 0
+
+    def effective_schedule(self) -> Schedule:
+        if self.schedule is not None:
+            return self.schedule
+        return Schedule.constant(q=self.q_ratio, kv=self.kv_ratio, h=self.h_ratio)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None, mode: str | None = None) -> AsymRnRConfig:
+        """Build from torch.compile `options=`: either {"config": cfg} or the fields as keys."""
+        opts = dict(options or {})
+        opts.pop("runtime", None)
+        if "config" in opts:
+            cfg = opts.pop("config")
+            if not isinstance(cfg, cls):
+                raise ConfigError(f"options['config'] must be an AsymRnRConfig, got {type(cfg).__name__}.")
+            if opts:
+                raise ConfigError(f"options['config'] cannot be combined with other keys, got {sorted(opts)}.")
+            return dataclasses.replace(cfg, mode=mode) if mode else cfg
+        _reject_unknown(opts)
+        if mode is not None:
+            opts["mode"] = mode
+        if "dst_stride" in opts and isinstance(opts["dst_stride"], list):
+            opts["dst_stride"] = tuple(opts["dst_stride"])
+        return cls(**opts)
+
+
+def _reject_unknown(opts: dict[str, Any]) -> None:
+    known = [f.name for f in dataclasses.fields(AsymRnRConfig)]
+    for key in opts:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown asymrnr option {key!r}.{hint} Valid options: {', '.join(known)}.")

@@ -1,0 +1,135 @@
+"""Reduction ratios per (feature, block, step): constant, a table, or the published tier files.
+
+Features: "q" (queries, restored after attention), "kv" (keys and values, one matching on V),
+"h" (symmetric mode). The published release stores integer redundancy *tiers* per
+(block, step) and YAML thresholds `{feature: {tier_threshold: ratio}}`; the ratio applied is the
+largest one whose threshold <= tier, none meaning 0. Its feature "v" is our "kv"; "k" is unused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FEATURES = ("q", "kv", "h")
+_PUBLISHED_FEATURES = {"q": "q", "v": "kv", "h": "h", "k": None}
+
+
+class ScheduleError(ValueError):
+    """A schedule does not fit the model or the generation it is used for."""
+
+
+def _as_table(name: str, value: float | torch.Tensor) -> float | torch.Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        table = float(value)
+        bad = not 0.0 <= table < 1.0
+    else:
+        table = torch.as_tensor(value, dtype=torch.float64)
+        bad = table.dim() != 2 or bool(((table < 0) | (table >= 1)).any())
+    if bad:
+        raise ScheduleError(
+            f"schedule[{name!r}] must be a ratio in [0, 1) or a (num_blocks, num_steps) table of them, "
+            f"got {value if isinstance(value, float) else getattr(table, 'shape', value)}."
+        )
+    return table
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Ratios for q, kv and h: each a float (every block and step) or a (blocks, steps) table."""
+
+    q: float | torch.Tensor = 0.0
+    kv: float | torch.Tensor = 0.0
+    h: float | torch.Tensor = 0.0
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for feat in FEATURES:
+            object.__setattr__(self, feat, _as_table(feat, getattr(self, feat)))
+        shapes = {tuple(t.shape) for t in self._tables()}
+        if len(shapes) > 1:
+            raise ScheduleError(f"schedule tables disagree in shape: {sorted(shapes)}.")
+        if self._uses("h") and (self._uses("q") or self._uses("kv")):
+            raise ScheduleError("a schedule reduces either h (symmetric) or q/kv (asymmetric), not both.")
+
+    def _tables(self) -> list[torch.Tensor]:
+        return [t for t in (self.q, self.kv, self.h) if isinstance(t, torch.Tensor)]
+
+    def _uses(self, feat: str) -> bool:
+        value = getattr(self, feat)
+        return bool((value > 0).any()) if isinstance(value, torch.Tensor) else value > 0
+
+    @property
+    def all_zero(self) -> bool:
+        return not any(self._uses(f) for f in FEATURES)
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """(num_blocks, num_steps) of the tables, or None for a constant schedule."""
+        tables = self._tables()
+        return tuple(tables[0].shape) if tables else None
+
+    @classmethod
+    def constant(cls, q: float = 0.0, kv: float = 0.0, h: float = 0.0) -> Schedule:
+        return cls(q=q, kv=kv, h=h, name=f"constant(q={q}, kv={kv}, h={h})")
+
+    def check_blocks(self, num_blocks: int, model: str) -> None:
+        shape = self.shape
+        if shape is not None and shape[0] != num_blocks:
+            raise ScheduleError(
+                f"schedule {self.name!r} has shape (blocks={shape[0]}, steps={shape[1]}) but the model "
+                f"{model} has {num_blocks} attention blocks. Use a schedule made for this model."
+            )
+
+    def ratio(self, feature: str, block: int, step: int) -> float:
+        value = getattr(self, feature)
+        if not isinstance(value, torch.Tensor):
+            return value
+        if step >= value.shape[1]:
+            raise ScheduleError(
+                f"denoising step {step} is outside schedule {self.name!r} of shape "
+                f"(blocks={value.shape[0]}, steps={value.shape[1]}): the generation has more steps "
+                "than the schedule. Use as many inference steps as the schedule has, or fewer."
+            )
+        return float(value[block, step])
+
+    @classmethod
+    def from_published(cls, tiers: str | Path, thresholds: str | Path) -> Schedule:
+        """Load a released `euclidean_<model>_cache<N>.safetensors` + `<model>_cache<N>_<k>.yaml`."""
+        from safetensors.torch import load_file
+
+        tier = load_file(str(tiers))
+        table = _read_thresholds(Path(thresholds))
+        ratios = {}
+        for feat, entries in table.items():
+            if feat not in tier:
+                raise ScheduleError(f"{thresholds} names feature {feat!r} but {tiers} has only {sorted(tier)}.")
+            ratios[_PUBLISHED_FEATURES[feat]] = tiers_to_ratios(tier[feat], entries)
+        return cls(**ratios, name=f"{Path(tiers).stem}+{Path(thresholds).stem}")
+
+
+def tiers_to_ratios(tiers: torch.Tensor, entries: dict[int, float]) -> torch.Tensor:
+    """(blocks, steps) int tiers -> ratios: the largest ratio whose threshold <= tier, else 0."""
+    out = torch.zeros(tiers.shape, dtype=torch.float64)
+    for threshold, ratio in entries.items():
+        hit = tiers >= threshold
+        out = torch.where(hit, torch.clamp(out, min=float(ratio)), out)
+    return out
+
+
+def _read_thresholds(path: Path) -> dict[str, dict[int, float]]:
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ScheduleError(f"{path}: expected a mapping feature -> {{threshold: ratio}}, got {type(data).__name__}.")
+    out = {}
+    for feat, entries in data.items():
+        if feat not in _PUBLISHED_FEATURES:
+            raise ScheduleError(f"{path}: unknown feature {feat!r}; expected one of {sorted(_PUBLISHED_FEATURES)}.")
+        if _PUBLISHED_FEATURES[feat] is None:
+            continue  # the release loads k tiers but never applies them: K follows V
+        out[feat] = {int(t): float(r) for t, r in entries.items()}
+    return out

@@ -1,0 +1,10 @@
+"""Per-family model knowledge, as data: which attention is self-attention over video, where
+text tokens sit, how the latent grid follows from the inputs. Adapters are keyed by the
+transformer-block classes that appear in the traced graph (never by name prefixes)."""
+
+from __future__ import annotations
+
+from .adapter import ADAPTERS, ModelAdapter, UnsupportedModelError, adapter_for_classes
+from . import cogvideox, hunyuan_video  # noqa: F401  (registers the adapters)
+
+__all__ = ["ADAPTERS", "ModelAdapter", "UnsupportedModelError", "adapter_for_classes"]

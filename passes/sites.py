@@ -1,0 +1,156 @@
+"""Find the attention calls of a Dynamo graph and decide which ones to reduce.
+
+Pure analysis: reads the graph, changes nothing. A site is reducible only when every check
+passes (fail closed): it sits in a block the adapter knows, in a self-attention module over
+video, with equal query and key lengths, no causal mask, no dropout, and a mask (if any) whose
+key axis spans the whole sequence.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from asymrnr_fx.tokens import Grid, Layout
+
+from ..models.adapter import ModelAdapter, UnsupportedModelError
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SKIP_TOKENS = {"self", "__dict__", "_modules", "_parameters", "_buffers"}
+
+
+def clean_path(source: str) -> str:
+    """`L['self'].__dict__['_modules']['blocks'].0.attn1` -> `blocks.0.attn1`."""
+    tokens = re.findall(r"\['([^']+)'\]|\.(\w+)", source)
+    return ".".join(a or b for a, b in tokens if (a or b) not in _SKIP_TOKENS)
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def sdpa_arguments(node: fx.Node) -> dict:
+    """The call's arguments by name, positional or keyword, defaults filled in."""
+    args = dict(zip(SDPA_PARAMS, node.args))
+    args.update(node.kwargs)
+    defaults = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    return {**defaults, **args}
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return clean_path(list(stack.values())[-1][0]) if stack else ""
+
+
+def module_classes(gm: fx.GraphModule) -> set[type]:
+    return {cls for n in gm.graph.nodes for _, cls in (n.meta.get("nn_module_stack") or {}).values()}
+
+
+def input_names(gm: fx.GraphModule, adapter: ModelAdapter) -> list[str]:
+    """Name of every placeholder: a forward() argument name, or a parameter's module path."""
+    params = [p for p in inspect.signature(adapter.model_class.forward).parameters if p != "self"]
+    names = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(getattr(node, "_dynamo_source", None), "name", node.name)
+        source = source() if callable(source) else source
+        if m := re.fullmatch(r"L\['args'\]\[(\d+)\]", source):
+            names.append(params[int(m.group(1))])
+        elif m := re.fullmatch(r"L\['kwargs'\]\['(\w+)'\]|L\['(\w+)'\]", source):
+            names.append(m.group(1) or m.group(2))
+        else:
+            names.append(clean_path(source))
+    return names
+
+
+@dataclass(frozen=True)
+class Site:
+    """One attention call. `block` numbers blocks across the adapter's containers."""
+
+    index: int
+    node_name: str
+    path: str
+    block: int | None
+    layout: Layout | None
+    reason: str  # "" when reducible, else why not
+
+    @property
+    def reducible(self) -> bool:
+        return not self.reason
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    adapter: ModelAdapter
+    grid: Grid
+    num_blocks: int
+    timestep_index: int
+    sites: tuple[Site, ...]
+
+
+def _block_of(path: str, adapter: ModelAdapter, offsets: dict[str, int]) -> tuple[int, str] | None:
+    """(global block index, attention name) of a module path inside a known block, else None."""
+    for container, _ in adapter.block_containers:
+        if m := re.fullmatch(rf"{container}\.(\d+)\.(\w+)", path):
+            return offsets[container] + int(m.group(1)), m.group(2)
+    return None
+
+
+def _block_offsets(paths: list[str], adapter: ModelAdapter) -> tuple[dict[str, int], int]:
+    offsets, total = {}, 0
+    for container, _ in adapter.block_containers:
+        idx = {int(m.group(1)) for p in paths if (m := re.match(rf"{container}\.(\d+)\.", p))}
+        offsets[container] = total
+        total += max(idx) + 1 if idx else 0
+    return offsets, total
+
+
+def _why_not(node: fx.Node, attn: str, adapter: ModelAdapter, n_visual: int) -> str:
+    a = sdpa_arguments(node)
+    q, k = (a[x].meta["example_value"] for x in ("query", "key"))
+    if attn not in adapter.self_attention:
+        return f"attention module {attn!r} is not self-attention over video"
+    if q.dim() != 4 or q.shape[-2] != k.shape[-2]:
+        return f"query/key lengths differ ({tuple(q.shape)} vs {tuple(k.shape)}): cross-attention"
+    if a["is_causal"] or a["dropout_p"]:
+        return "causal or dropout attention"
+    if q.shape[-2] < n_visual:
+        return f"sequence of {q.shape[-2]} tokens is shorter than the {n_visual} visual tokens"
+    mask = a["attn_mask"]
+    if isinstance(mask, fx.Node) and mask.meta["example_value"].shape[-1] != k.shape[-2]:
+        return "attention mask does not span the key sequence"
+    return ""
+
+
+def find_sites(gm: fx.GraphModule, adapter: ModelAdapter, grid: Grid) -> tuple[list[Site], int]:
+    """Every SDPA call of the graph, classified; and the number of blocks of the model."""
+    nodes = [n for n in gm.graph.nodes if is_sdpa(n)]
+    paths = [module_path(n) for n in nodes]
+    offsets, num_blocks = _block_offsets(paths, adapter)
+    n_visual = grid[0] * grid[1] * grid[2]
+    sites = []
+    for i, (node, path) in enumerate(zip(nodes, paths)):
+        where = _block_of(path, adapter, offsets)
+        reason = "not inside a transformer block" if where is None else _why_not(node, where[1], adapter, n_visual)
+        n_total = sdpa_arguments(node)["query"].meta["example_value"].shape[-2]
+        layout = None if reason else Layout(n_total - n_visual, n_visual, adapter.text_first)
+        sites.append(Site(i, node.name, path, where and where[0], layout, reason))
+    return sites, num_blocks
+
+
+def model_info(gm: fx.GraphModule, adapter: ModelAdapter, example_inputs: list) -> ModelInfo:
+    names = input_names(gm, adapter)
+    for needed in (adapter.latent_input, adapter.timestep_input, adapter.patch_weight):
+        if needed not in names:
+            raise UnsupportedModelError(
+                f"{adapter.family}: the traced graph has no input {needed!r}; inputs seen: {names[:6]}..."
+            )
+    latent = example_inputs[names.index(adapter.latent_input)]
+    weight = example_inputs[names.index(adapter.patch_weight)]
+    grid = adapter.grid(tuple(latent.shape), tuple(weight.shape))
+    sites, num_blocks = find_sites(gm, adapter, grid)
+    return ModelInfo(adapter, grid, num_blocks, names.index(adapter.timestep_input), tuple(sites))
