@@ -59,7 +59,9 @@ def to_unit(frames: torch.Tensor) -> torch.Tensor:
 
 def _check_pair(candidate: torch.Tensor, reference: torch.Tensor) -> None:
     if candidate.shape != reference.shape:
-        raise ValueError(f"Shape mismatch: candidate {tuple(candidate.shape)} vs reference {tuple(reference.shape)}.")
+        raise ValueError(
+            f"Shape mismatch: candidate {tuple(candidate.shape)} vs reference {tuple(reference.shape)}."
+        )
 
 
 def psnr(candidate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -86,13 +88,17 @@ def relative_l2(candidate: torch.Tensor, reference: torch.Tensor) -> float:
     return float((candidate.double() - ref).norm() / norm)
 
 
-def compare(candidate: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]) -> Metrics:
+def compare(
+    candidate: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor]
+) -> Metrics:
     """Metrics between two ``(frames, latents)`` pairs generated from the same prompt and seed."""
     (frames_c, latents_c), (frames_r, latents_r) = candidate, reference
     return Metrics(psnr(frames_c, frames_r), ssim(frames_c, frames_r), relative_l2(latents_c, latents_r))
 
 
-def collect(generator: Generator, prompts: Iterable[str], seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def collect(
+    generator: Generator, prompts: Iterable[str], seed: int = 0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Run ``generator`` once per prompt with the same ``seed``; keep ``(frames, latents)`` on CPU."""
     out = {}
     for prompt in prompts:

@@ -176,23 +176,27 @@ def _n_dst(site: Any, grid: tokens.Grid, stride: tokens.Grid) -> int:
     return tokens.window_split(grid, stride, fixed=True)[0].numel()
 
 
-_RUNTIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(parameter) -> (weak reference to it, runtime). Keyed by id: tensors compare elementwise, so
+# they cannot be dictionary keys compared by value (as WeakKeyDictionary would).
+_RUNTIMES: dict[int, tuple[weakref.ref, AsymRnRRuntime]] = {}
 
 
 def register_runtime(anchor: torch.Tensor, runtime: AsymRnRRuntime) -> None:
     """Remember the runtime of the model that owns parameter `anchor`."""
-    _RUNTIMES[anchor] = runtime
+    key = id(anchor)
+    _RUNTIMES[key] = (weakref.ref(anchor, lambda _: _RUNTIMES.pop(key, None)), runtime)
 
 
 def runtime_for_anchor(anchor: torch.Tensor) -> AsymRnRRuntime | None:
-    return _RUNTIMES.get(anchor)
+    ref, runtime = _RUNTIMES.get(id(anchor), (None, None))
+    return runtime if ref is not None and ref() is anchor else None
 
 
 def runtime_of(model: torch.nn.Module) -> AsymRnRRuntime:
     """The runtime of a model compiled with backend="asymrnr" (after its first call)."""
     inner = getattr(model, "_orig_mod", model)
     for p in inner.parameters():
-        if (rt := _RUNTIMES.get(p)) is not None:
+        if (rt := runtime_for_anchor(p)) is not None:
             return rt
     raise LookupError(
         "this model has no asymrnr runtime yet: compile it with backend='asymrnr' and call it once, "

@@ -1,0 +1,66 @@
+"""Tiny diffusers video transformers built from their configs (no weights are downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel
+
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # a warm cache would hide pass bugs
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "asymrnr-official"
+
+
+def tiny_cogvideox(num_layers: int = 2, heads: int = 2, seed: int = 0) -> CogVideoXTransformer3DModel:
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=16, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9,
+        patch_size=2, max_text_seq_length=4, use_rotary_positional_embeddings=True,
+    ).eval()
+
+
+def cogvideox_inputs(batch: int = 1, frames: int = 3, size: int = 16, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, frames, 4, size, size, generator=g),
+        "encoder_hidden_states": torch.randn(batch, 4, 16, generator=g),
+    }
+
+
+def tiny_hunyuan(seed: int = 0) -> HunyuanVideoTransformer3DModel:
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
+    ).eval()
+
+
+def hunyuan_inputs(batch: int = 1, seed: int = 1, n_text: int = 6, n_valid: int = 4) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, n_text)
+    mask[:, :n_valid] = 1
+    return {
+        "hidden_states": torch.randn(batch, 4, 3, 16, 16, generator=g),
+        "encoder_hidden_states": torch.randn(batch, n_text, 16, generator=g),
+        "encoder_attention_mask": mask,
+        "pooled_projections": torch.randn(batch, 8, generator=g),
+        "guidance": torch.full((batch,), 6000.0),
+    }
+
+
+def run(model, inputs: dict, t: float) -> torch.Tensor:
+    batch = inputs["hidden_states"].shape[0]
+    with torch.no_grad():
+        return model(**inputs, timestep=torch.full((batch,), t), return_dict=False)[0]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
