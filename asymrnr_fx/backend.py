@@ -16,12 +16,11 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .config import AsymRnRConfig
 from .models.adapter import UnsupportedModelError, adapter_for_classes
@@ -240,4 +239,4 @@ def asymrnr_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict |
     return AsymRnRCompiled(build_segments(gm, info, cfg, rt), rt, info.timestep_index)
 
 
-__all__ = ["asymrnr_backend", "AsymRnRCompiled", "Counter"]
+__all__ = ["AsymRnRCompiled", "asymrnr_backend"]

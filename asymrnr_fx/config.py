@@ -61,7 +61,7 @@ class AsymRnRConfig:
     seed: int = 0
     distance: str = "euclidean"
     reduce_mode: str = "replace"
-    max_match_elements: int = 1 << 24
+    max_match_elements: int = 1 << 20  # 4 MiB of float32 scores per chunk
     compiler: str = "inductor"
     mode: str | None = None
     inductor_options: dict[str, Any] = field(default_factory=dict)

@@ -73,14 +73,21 @@ class Matching:
     order: torch.Tensor
 
 
-def _pairwise_distance(xs: torch.Tensor, xd: torch.Tensor, metric: str) -> torch.Tensor:
-    """(B, H, S, D) x (B, H, Nd, D) -> (B, H, S, Nd) squared Euclidean or cosine distance."""
+def _nearest(xs: torch.Tensor, xd: torch.Tensor, xd_sq: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest destination of each source: distance (B, H, S) and index into dst (B, H, S).
+
+    xs (B, H, S, D), xd (B, H, Nd, D); for cosine both are unit vectors. Euclidean uses
+    |s - d|^2 = |s|^2 + |d|^2 - 2 s.d: the |s|^2 term does not change the argmin, so one
+    fused matmul-with-bias (baddbmm) gives the scores and |s|^2 is added to the minimum only.
+    """
+    b, h, s, dim = xs.shape
+    flat_s, flat_d = xs.reshape(b * h, s, dim), xd.reshape(b * h, -1, dim)
     if metric == "cosine":
-        xs = torch.nn.functional.normalize(xs, dim=-1)
-        xd = torch.nn.functional.normalize(xd, dim=-1)
-        return 1.0 - xs @ xd.transpose(-1, -2)
-    sq = xs.pow(2).sum(-1, keepdim=True) + xd.pow(2).sum(-1).unsqueeze(-2)
-    return sq - 2.0 * (xs @ xd.transpose(-1, -2))
+        sim, idx = torch.bmm(flat_s, flat_d.transpose(1, 2)).max(dim=-1)
+        return (1.0 - sim).reshape(b, h, s), idx.reshape(b, h, s)
+    scores = torch.baddbmm(xd_sq.reshape(b * h, 1, -1), flat_s, flat_d.transpose(1, 2), alpha=-2.0)
+    best, idx = scores.min(dim=-1)
+    return (best.reshape(b, h, s) + xs.pow(2).sum(-1)), idx.reshape(b, h, s)
 
 
 def match_sources(
@@ -89,21 +96,25 @@ def match_sources(
     src: torch.Tensor,
     *,
     metric: str = "euclidean",
-    max_elements: int = 1 << 24,
+    max_elements: int = 1 << 20,
 ) -> Matching:
     """Match every source of visual features x (B, H, Nv, D) to its nearest destination.
 
-    The (B, H, Ns, Nd) distance matrix is built `max_elements` at a time over sources, so the
+    The (B, H, Ns, Nd) score matrix is built `max_elements` at a time over sources, so the
     peak extra memory is bounded whatever Nv is. Distances are computed in float32.
     """
     b, h = x.shape[:2]
     xd = x[:, :, dst.to(x.device)].float()
+    if metric == "cosine":
+        xd = torch.nn.functional.normalize(xd, dim=-1)
+    xd_sq = xd.pow(2).sum(-1)
     chunk = max(1, max_elements // max(1, b * h * dst.numel()))
     src_dev = src.to(x.device)
     dists, nearest = [], []
     for start in range(0, src.numel(), chunk):
         xs = x[:, :, src_dev[start : start + chunk]].float()
-        d, i = _pairwise_distance(xs, xd, metric).min(dim=-1)
+        xs = torch.nn.functional.normalize(xs, dim=-1) if metric == "cosine" else xs
+        d, i = _nearest(xs, xd, xd_sq, metric)
         dists.append(d)
         nearest.append(i)
     dist = torch.cat(dists, dim=-1)

@@ -4,7 +4,7 @@ transformer-block classes that appear in the traced graph (never by name prefixe
 
 from __future__ import annotations
 
-from .adapter import ADAPTERS, ModelAdapter, UnsupportedModelError, adapter_for_classes
 from . import cogvideox, hunyuan_video  # noqa: F401  (registers the adapters)
+from .adapter import ADAPTERS, ModelAdapter, UnsupportedModelError, adapter_for_classes
 
 __all__ = ["ADAPTERS", "ModelAdapter", "UnsupportedModelError", "adapter_for_classes"]

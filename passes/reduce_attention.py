@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-import torch.fx as fx
+from torch import fx
 
 from asymrnr_fx import tokens
 

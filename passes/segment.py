@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 
-import torch.fx as fx
+from torch import fx
 from torch.fx.passes.split_module import split_module
 
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from asymrnr_fx.tokens import Grid, Layout
 

@@ -143,7 +143,7 @@ def test_entry_point_resolves_without_import():
         "assert 'asymrnr_fx' in sys.modules\n"
         "print('diff', float((out - run(m, x, 900.0)).abs().max()))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split("diff")[1]) > 1e-3
 

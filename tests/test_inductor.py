@@ -20,7 +20,7 @@ def test_cogvideox_inductor_ratio_zero_equals_inductor_and_reduced_matches_cheap
     torch.testing.assert_close(run(zero, inputs, 900.0), baseline, rtol=0, atol=1e-6)
     assert zero.asymrnr.rewrites["nodes_inserted"] == 0
     torch._dynamo.reset()
-    cfg = dict(q_ratio=0.5, kv_ratio=0.3, matching_every=2)
+    cfg = {"q_ratio": 0.5, "kv_ratio": 0.3, "matching_every": 2}
     fast = asymrnr_fx.compile(model, AsymRnRConfig(**cfg))
     got = [run(fast, inputs, t) for t in (900.0, 890.0, 880.0)]
     torch._dynamo.reset()
@@ -35,7 +35,7 @@ def test_cogvideox_inductor_ratio_zero_equals_inductor_and_reduced_matches_cheap
 
 def test_hunyuan_video_inductor_with_mask_matches_cheap_path():
     model, inputs = tiny_hunyuan(), hunyuan_inputs(batch=2)
-    cfg = dict(q_ratio=0.5, kv_ratio=0.5, reduce_mode="mean")
+    cfg = {"q_ratio": 0.5, "kv_ratio": 0.5, "reduce_mode": "mean"}
     fast = asymrnr_fx.compile(model, AsymRnRConfig(**cfg))
     got = run(fast, inputs, 900.0)
     torch._dynamo.reset()

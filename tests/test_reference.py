@@ -72,7 +72,7 @@ def ref_site(q, k, v, mask, n_text, text_first, grid, q_ratio, kv_ratio, metric,
     b_, h_, n, d_ = q.shape
     nv = n - n_text
     vis0 = n_text if text_first else 0
-    text = list(range(0, n_text)) if text_first else list(range(nv, n))
+    text = list(range(n_text)) if text_first else list(range(nv, n))
     dst, src = ref_split(grid, STRIDE)
     out = torch.empty_like(q)
     for b, h in itertools.product(range(b_), range(h_)):
