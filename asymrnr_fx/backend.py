@@ -124,18 +124,16 @@ class _SiteSegment(_Segment):
         return ra.rewrite_site(gm, self.site.node_name, variant, self.rt.rewrites)
 
     def _plan_inputs(self, args: Sequence[Any], variant: ra.Variant, nq: int, nkv: int) -> list[torch.Tensor]:
-        layout, rt, symmetric = self.site.layout, self.rt, self.rt.ratios(self.site.block)[2] > 0
-        feats = {"q": "k" if symmetric else "q", "kv": "k" if symmetric else "v"}
+        """Cached plans for this step; symmetric mode matches once on K for every side."""
+        symmetric = self.rt.ratios(self.site.block)[2] > 0
+        features = {"q": "k" if symmetric else "q", "kv": "k" if symmetric else "v"}
         plans = {}
         for side, n_keep, on in (("q", nq, variant.reduce_q), ("kv", nkv, variant.reduce_kv)):
             if on:
-                cached = rt.matching(self.site.index, feats[side], args[self.pos[feats[side]]], layout, self.grid)
-                plans[side] = rt.plan(cached, n_keep, layout)
-        out = []
-        for name in ra.plan_input_names(variant):
-            side, field = ("restore", "restore") if name == "restore" else name.split("_", 1)
-            out.append(plans["q"].restore if name == "restore" else getattr(plans[side], field))
-        return out
+                x = args[self.pos[features[side]]]
+                cached = self.rt.matching(self.site.index, features[side], x, self.site.layout, self.grid)
+                plans[side] = self.rt.plan(cached, n_keep, self.site.layout)
+        return ra.plan_inputs(variant, plans)
 
     def __call__(self, *args: Any) -> Any:
         nq, nkv = self.lengths()
@@ -163,7 +161,7 @@ class AsymRnRCompiled:
         self.top, self.rt, self.timestep_index = top, rt, timestep_index
 
     def __call__(self, *args: Any) -> Any:
-        with self.rt._lock:
+        with self.rt.lock:
             self.rt.begin_call(args[self.timestep_index])
             return self.top(*args)
 

@@ -48,7 +48,7 @@ class AsymRnRRuntime:
         self.used_lengths: dict[tuple[int, Any], dict[str, tuple[int, int]]] = {}
         self.info: Any = None
         self._reduced_sites: set[str] = set()
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()  # one call at a time: step state is shared
         self.reset()
 
     # ---- step tracking -------------------------------------------------------------------

@@ -36,13 +36,25 @@ class Variant:
         return not (self.reduce_q or self.reduce_kv)
 
 
-def plan_input_names(v: Variant) -> list[str]:
-    names = []
+_MERGE_FIELDS = ("drop", "drop_slot", "count")
+
+
+def _plan_fields(v: Variant) -> list[tuple[str, str]]:
+    """(side, Plan field) of every index input, in placeholder order."""
+    fields = []
     for side, on in (("q", v.reduce_q), ("kv", v.reduce_kv)):
         if on:
-            names.append(f"{side}_keep")
-            names += [f"{side}_drop", f"{side}_drop_slot", f"{side}_count"] if v.mean else []
-    return names + (["restore"] if v.reduce_q else [])
+            fields += [(side, "keep")] + [(side, f) for f in _MERGE_FIELDS if v.mean]
+    return fields + ([("q", "restore")] if v.reduce_q else [])
+
+
+def plan_input_names(v: Variant) -> list[str]:
+    return ["restore" if f == "restore" else f"{side}_{f}" for side, f in _plan_fields(v)]
+
+
+def plan_inputs(v: Variant, plans: dict[str, tokens.Plan]) -> list:
+    """The tensors for the placeholders of `plan_input_names(v)`, from plans keyed "q" / "kv"."""
+    return [getattr(plans[side], f) for side, f in _plan_fields(v)]
 
 
 def _add_placeholders(graph: fx.Graph, names: list[str]) -> dict[str, fx.Node]:

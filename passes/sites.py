@@ -146,8 +146,9 @@ def model_info(gm: fx.GraphModule, adapter: ModelAdapter, example_inputs: list) 
     names = input_names(gm, adapter)
     for needed in (adapter.latent_input, adapter.timestep_input, adapter.patch_weight):
         if needed not in names:
+            hint = " Pass the timestep as a tensor: a Python number is baked into the graph." if needed == adapter.timestep_input else ""
             raise UnsupportedModelError(
-                f"{adapter.family}: the traced graph has no input {needed!r}; inputs seen: {names[:6]}..."
+                f"{adapter.family}: the traced graph has no input {needed!r}; inputs seen: {names[:6]}...{hint}"
             )
     latent = example_inputs[names.index(adapter.latent_input)]
     weight = example_inputs[names.index(adapter.patch_weight)]
