@@ -214,3 +214,11 @@ def test_unsupported_model_errors_or_runs_unreduced_with_one_warning():
         compiled(x, t)
     assert len([w for w in caught if "running this graph unreduced" in str(w.message)]) == 1
     torch.testing.assert_close(out, model(x, t))
+
+
+def test_dynamic_shapes_run_unreduced_with_a_warning():
+    model, inputs = tiny_cogvideox(), cogvideox_inputs()
+    compiled = torch.compile(model, backend="asymrnr", dynamic=True, options={"compiler": "aot_eager"})
+    with pytest.warns(UserWarning, match="dynamic shapes; compile with dynamic=False"):
+        out = run(compiled, inputs, 900.0)
+    torch.testing.assert_close(out, run(model, inputs, 900.0), rtol=1e-5, atol=1e-5)

@@ -86,3 +86,27 @@ def test_invalid_tables_are_clear_errors():
         Schedule(q=torch.zeros(2, 3), kv=torch.zeros(3, 3))
     with pytest.raises(ScheduleError, match="either h"):
         Schedule(q=0.5, h=0.5)
+
+
+def test_hunyuan_blocks_are_numbered_double_then_single():
+    """As in the published 60 x 30 table: 20 double-stream blocks, then 40 single-stream ones."""
+    torch.manual_seed(0)
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_single_layers=3, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
+    ).eval()
+    from conftest import hunyuan_inputs
+
+    ratios = torch.tensor([[0.1], [0.2], [0.3], [0.4], [0.5]])
+    compiled = asymrnr_fx.compile(model, AsymRnRConfig(schedule=Schedule(q=ratios), compiler="aot_eager"))
+    run(compiled, hunyuan_inputs(), 900.0)
+    used = compiled.asymrnr.used_lengths[(0, 0)]
+    paths = ["transformer_blocks.0.attn", "transformer_blocks.1.attn"] + [f"single_transformer_blocks.{i}.attn" for i in range(3)]
+    assert [used[p][0] for p in paths] == [int(192 * (1 - r)) for r in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    torch._dynamo.reset()
+    wrong = asymrnr_fx.compile(model, AsymRnRConfig(schedule=Schedule(q=ratios[:4]), compiler="aot_eager"))
+    with pytest.raises(Exception, match="has 5 attention blocks"):
+        run(wrong, hunyuan_inputs(), 900.0)
