@@ -56,7 +56,8 @@ def hunyuan_inputs(batch: int = 1, seed: int = 1, n_text: int = 6, n_valid: int 
 def run(model, inputs: dict, t: float) -> torch.Tensor:
     batch = inputs["hidden_states"].shape[0]
     with torch.no_grad():
-        return model(**inputs, timestep=torch.full((batch,), t), return_dict=False)[0]
+        t = torch.full((batch,), t, device=inputs["hidden_states"].device)
+        return model(**inputs, timestep=t, return_dict=False)[0]
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,173 @@
+"""The shipped fixture DiT: data generator, weights loading, and that samples follow their prompt.
+
+Samples are checked by measurement (``data.measure``), not by eye: the measurement itself is first
+validated on rendered ground-truth clips, then applied to generations of the trained model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import CogVideoXTransformer3DModel
+
+from asymrnr_fx.models import fixture
+from asymrnr_fx.models.fixture import data
+from asymrnr_fx.models.fixture.model import FixtureConfig
+
+STEPS = 15
+SEED = 0
+
+
+@pytest.fixture(scope="module")
+def fx() -> fixture.Fixture:
+    torch.set_num_threads(1)
+    return fixture.load(path=fixture.WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def samples(fx: fixture.Fixture) -> dict[str, torch.Tensor]:
+    return {p: fx.generate(p, steps=STEPS, seed=SEED) for p in fixture.PROMPTS}
+
+
+def frame_motion(video: torch.Tensor) -> float:
+    """Mean absolute frame-to-frame difference of ``(frames, 3, H, W)``."""
+    return float((video[1:] - video[:-1]).abs().mean())
+
+
+def looks_like_clip(video: torch.Tensor) -> bool:
+    """A single shape-sized saturated blob (not a noise field) on a background that barely changes."""
+    m = data.measure(video)
+    background = data.shape_mask(video).amax(0) < 0.05  # pixels the shape never touches
+    still = (video[1:] - video[:-1]).abs().amax(1)[:, background]
+    return 8.0 < m.area < 60.0 and float(still.mean()) < 0.05
+
+
+# --- data: prompts and measurement ------------------------------------------------------------
+
+
+def test_prompt_round_trip() -> None:
+    for attrs in data.all_attributes():
+        assert data.parse_prompt(attrs.prompt) == attrs
+    assert data.parse_prompt("red circle moving right") == data.Attributes(0, 0, 1)
+
+
+@pytest.mark.parametrize("bad", ["red circle", "purple circle static", "red blob moving up", "red circle moving static"])
+def test_bad_prompt_raises(bad: str) -> None:
+    with pytest.raises(ValueError, match="prompt"):
+        data.parse_prompt(bad)
+
+
+def test_config_validation_names_the_field() -> None:
+    with pytest.raises(ValueError, match="VideoSpec"):
+        data.VideoSpec(height=8, width=8)
+    with pytest.raises(ValueError, match="height/width"):
+        FixtureConfig(height=15)
+    with pytest.raises(ValueError, match="Attributes.colour"):
+        data.Attributes(0, 7, 0)
+
+
+def test_render_is_deterministic_with_static_background() -> None:
+    spec = data.VideoSpec()
+    attrs = data.parse_prompt("blue triangle moving left")
+    a = data.render_video(attrs, spec, torch.Generator().manual_seed(5))
+    b = data.render_video(attrs, spec, torch.Generator().manual_seed(5))
+    assert a.shape == (8, 3, 16, 16) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    assert looks_like_clip(a)
+
+
+def test_measure_recovers_ground_truth_attributes() -> None:
+    g = torch.Generator().manual_seed(7)
+    for attrs in data.all_attributes():
+        m = data.measure(data.render_video(attrs, data.VideoSpec(), g))
+        truth = (data.COLOUR_NAMES[attrs.colour], data.SHAPES[attrs.shape], data.DIRECTION_NAMES[attrs.direction])
+        assert (m.colour, m.shape, m.direction) == truth, attrs.prompt
+
+
+def test_noise_is_not_a_clip() -> None:
+    noise = fixture.initial_noise((1, 8, 3, 16, 16), seed=0)[0].clamp(-1, 1)
+    assert not looks_like_clip(noise)
+
+
+# --- shipped weights --------------------------------------------------------------------------
+
+
+def test_weights_load_with_from_pretrained(fx: fixture.Fixture) -> None:
+    direct = CogVideoXTransformer3DModel.from_pretrained(fixture.WEIGHTS / "transformer")
+    cfg = direct.config
+    assert cfg.in_channels == 3 and cfg.out_channels == 3 and cfg.patch_size == 2
+    assert cfg.use_rotary_positional_embeddings and cfg.max_text_seq_length == 3
+    assert fx.latent_shape == (1, 8, 3, 16, 16)  # 8 x 8 x 8 = 512 visual tokens
+    for a, b in zip(direct.state_dict().values(), fx.transformer.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    files = list(fixture.WEIGHTS.rglob("*.safetensors"))
+    assert len(files) == 2 and sum(f.stat().st_size for f in files) <= 20 * 2**20
+
+
+# --- generations follow the prompt ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", fixture.PROMPTS)
+def test_sample_matches_prompt(samples: dict[str, torch.Tensor], prompt: str) -> None:
+    video = samples[prompt]
+    attrs = data.parse_prompt(prompt)
+    m = data.measure(video)
+    assert video.shape == (8, 3, 16, 16) and looks_like_clip(video), m
+    assert m.colour == data.COLOUR_NAMES[attrs.colour], m
+    assert m.direction == data.DIRECTION_NAMES[attrs.direction], m
+
+
+def test_shapes_mostly_match(samples: dict[str, torch.Tensor]) -> None:
+    hits = [data.measure(v).shape == p.split()[1] for p, v in samples.items()]
+    assert sum(hits) >= 0.7 * len(hits), hits
+
+
+def test_static_prompts_move_less_than_moving_ones(samples: dict[str, torch.Tensor]) -> None:
+    static = [frame_motion(v) for p, v in samples.items() if p.endswith("static")]
+    moving = [frame_motion(v) for p, v in samples.items() if not p.endswith("static")]
+    assert max(static) < 0.01 and min(moving) > 3 * max(static), (static, moving)
+
+
+# --- the generation loop contract -------------------------------------------------------------
+
+
+class Recorder:
+    """Forwards to the real transformer and records every call's keyword arguments."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.calls = model, []
+
+    def __call__(self, **kwargs) -> tuple[torch.Tensor, ...]:
+        self.calls.append(kwargs)
+        return self.model(**kwargs)
+
+
+def test_loop_contract_and_determinism(fx: fixture.Fixture) -> None:
+    prompt, steps = "green square moving left", 6
+    recorder, seen = Recorder(fx.transformer), []
+    out = fx.sample(prompt, steps=steps, seed=SEED, transformer=recorder, callback=lambda i, t: seen.append((i, t)))
+    dense = fx.sample(prompt, steps=steps, seed=SEED)
+    assert torch.equal(out.latents, dense.latents) and torch.equal(out.frames, dense.frames)
+    timesteps = [c["timestep"] for c in recorder.calls]
+    assert len(recorder.calls) == steps and [i for i, _ in seen] == list(range(steps))
+    assert all(t.shape == (1,) for t in timesteps)
+    assert all(a.item() > b.item() for a, b in zip(timesteps, timesteps[1:]))
+    call = recorder.calls[0]
+    assert call["hidden_states"].shape == (1, 8, 3, 16, 16) and call["return_dict"] is False
+    assert call["encoder_hidden_states"].shape == (1, 3, fx.transformer.config.text_embed_dim)
+
+
+def test_passed_transformer_is_the_one_used(fx: fixture.Fixture) -> None:
+    def zero_velocity(**kwargs) -> tuple[torch.Tensor]:
+        return (torch.zeros_like(kwargs["hidden_states"]),)
+
+    out = fx.sample("red circle static", steps=3, seed=4, transformer=zero_velocity)
+    assert torch.equal(out.latents, fixture.initial_noise(fx.latent_shape, seed=4))
+
+
+def test_seeds_differ_and_cfg_runs(fx: fixture.Fixture) -> None:
+    prompt = "yellow circle moving down"
+    a, b = fx.generate(prompt, steps=8, seed=1), fx.generate(prompt, steps=8, seed=2)
+    guided = fx.generate(prompt, steps=8, seed=1, guidance_scale=3.0)
+    assert not torch.equal(a, b) and not torch.equal(a, guided)
+    assert data.measure(guided).colour == "yellow"
