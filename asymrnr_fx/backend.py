@@ -26,7 +26,9 @@ from .config import AsymRnRConfig
 from .models.adapter import UnsupportedModelError, adapter_for_classes
 from .passes import reduce_attention as ra
 from .passes import segment, sites
+from .passes import symmetric as sym
 from .runtime import AsymRnRRuntime, register_runtime, runtime_for_anchor
+from . import tokens
 from .tokens import reduced_length, window_split
 
 CompiledFn = Callable[..., Any]
@@ -145,6 +147,43 @@ class _SiteSegment(_Segment):
         return self._finish(fn(*args, *extra))
 
 
+class _SymmetricSegment(_Segment):
+    """A segment that starts at a site's Q/K/V projections (symmetric mode)."""
+
+    def __init__(self, gm, cfg, rt, activations, site: sites.Site, points: sym.SymmetricPoints, grid):
+        super().__init__(gm, cfg, rt, activations)
+        self.site, self.points, self.grid = site, points, grid
+        placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+        self.x_pos = placeholders.index(points.x)
+        self.n_dst = window_split(grid, cfg.dst_stride, fixed=True)[0].numel()
+        lay = site.layout
+        self.x_layout = lay if points.x_full else tokens.Layout(0, lay.n_visual, True)
+
+    def _variant_gm(self, n_keep: int) -> fx.GraphModule:
+        gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        lay, mean = self.site.layout, self.cfg.reduce_mode == "mean"
+        changed = sym.rewrite_symmetric(gm, self.points, lay, (lay.n_text + n_keep, n_keep), mean)
+        self.rt.rewrites["sites_rewritten"] += 1
+        self.rt.rewrites["nodes_inserted"] += changed
+        return gm
+
+    def _plan_inputs(self, args: Sequence[Any], n_keep: int) -> list[torch.Tensor]:
+        x = args[self.x_pos].mean(0, keepdim=True).unsqueeze(1)  # (1, 1, N, C): one matching per batch
+        cached = self.rt.matching(self.site.index, "h", x, self.x_layout, self.grid)
+        full = self.rt.plan(cached, n_keep, self.site.layout)
+        vis = self.rt.plan(cached, n_keep, tokens.Layout(0, self.site.layout.n_visual, True))
+        return sym.plan_inputs(full, vis, self.points, self.cfg.reduce_mode == "mean")
+
+    def __call__(self, *args: Any) -> Any:
+        n_keep, _ = site_lengths(self.rt, self.site, self.n_dst)
+        self.rt.record(self.site, n_keep, n_keep)
+        if n_keep == self.site.layout.n_visual:
+            return self._finish(self._compiled(args, None, lambda: self.gm, [])(*args))
+        extra = self._plan_inputs(args, n_keep)
+        fn = self._compiled(args, ("h", n_keep), lambda: self._variant_gm(n_keep), extra)
+        return self._finish(fn(*args, *extra))
+
+
 def site_lengths(rt: AsymRnRRuntime, site: sites.Site, n_dst: int) -> tuple[int, int]:
     q, kv, h = rt.ratios(site.block)
     nv = site.layout.n_visual
@@ -172,13 +211,36 @@ def _activation_positions(top: fx.GraphModule, name: str) -> list[int]:
     return [i for i, a in enumerate(call.args) if isinstance(a, fx.Node) and a.op != "placeholder"]
 
 
+def _symmetric_points(gm: fx.GraphModule, info: sites.ModelInfo, rt: AsymRnRRuntime) -> dict[int, sym.SymmetricPoints]:
+    """Rewrite points of every site the symmetric mode can reduce; the others are counted."""
+    points = {}
+    for site in info.sites:
+        if site.reducible:
+            found = sym.find_points(gm.graph, site)
+            if isinstance(found, str):
+                rt.rewrites["sites_not_symmetric"] += 1
+                warnings.warn(f"asymrnr: {site.path} stays dense in symmetric mode: {found}", stacklevel=4)
+            else:
+                points[site.index] = found
+    return points
+
+
 def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime):
-    reducible = [s for s in info.sites if s.reducible]
-    top, names = segment.split_at_sites(gm, [s.node_name for s in reducible])
+    symmetric = rt.schedule.symmetric
+    points = _symmetric_points(gm, info, rt) if symmetric else {}
+    reducible = [s for s in info.sites if s.reducible and (not symmetric or s.index in points)]
+    cuts = [points[s.index].cut if symmetric else s.node_name for s in reducible]
+    top, names = segment.split_at_sites(gm, cuts)
     for k, name in enumerate(names):
         sub = getattr(top, name)
         acts = _activation_positions(top, name)
-        seg = _Segment(sub, cfg, rt, acts) if k == 0 else _SiteSegment(sub, cfg, rt, acts, reducible[k - 1], info.grid)
+        if k == 0:
+            seg = _Segment(sub, cfg, rt, acts)
+        elif symmetric:
+            site = reducible[k - 1]
+            seg = _SymmetricSegment(sub, cfg, rt, acts, site, points[site.index], info.grid)
+        else:
+            seg = _SiteSegment(sub, cfg, rt, acts, reducible[k - 1], info.grid)
         if k < len(names) - 1:
             _contiguous_outputs(sub)
         delattr(top, name)

@@ -47,8 +47,9 @@ class AsymRnRConfig:
     """Asymmetric reduction and restoration of attention tokens.
 
     q_ratio / kv_ratio / h_ratio: constant reduction ratios, used when `schedule` is None.
-    h_ratio > 0 selects the symmetric mode (ToMe-style: Q, K and V reduced alike at the attention
-    by one matching on K, output restored) and cannot be combined with q_ratio / kv_ratio. `schedule` gives a ratio per (feature, block, step).
+    h_ratio > 0 selects the symmetric mode (ToMe-style: the hidden state reduced before the Q/K/V
+    projections, restored after the output projection) and cannot be combined with q_ratio /
+    kv_ratio. `schedule` gives a ratio per (feature, block, step).
     """
 
     q_ratio: float = 0.5

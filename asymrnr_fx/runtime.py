@@ -32,7 +32,7 @@ from .schedule import Schedule
 class _Cached:
     window: int
     matching: tokens.Matching
-    plans: dict[tuple[int, str], tokens.Plan] = field(default_factory=dict)
+    plans: dict[tuple[int, str, tokens.Layout], tokens.Plan] = field(default_factory=dict)
 
 
 class AsymRnRRuntime:
@@ -164,7 +164,7 @@ class AsymRnRRuntime:
         return cached
 
     def plan(self, cached: _Cached, n_keep: int, layout: tokens.Layout) -> tokens.Plan:
-        key = (n_keep, self.config.reduce_mode)
+        key = (n_keep, self.config.reduce_mode, layout)
         if key not in cached.plans:
             with torch.no_grad():
                 cached.plans[key] = tokens.make_plan(cached.matching, n_keep, layout, self.config.reduce_mode)

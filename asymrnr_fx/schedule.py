@@ -62,6 +62,11 @@ class Schedule:
         return bool((value > 0).any()) if isinstance(value, torch.Tensor) else value > 0
 
     @property
+    def symmetric(self) -> bool:
+        """True when the schedule reduces h (the hidden state before the projections)."""
+        return self._uses("h")
+
+    @property
     def all_zero(self) -> bool:
         return not any(self._uses(f) for f in FEATURES)
 

@@ -232,3 +232,16 @@ def gather_mask_queries(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor
     b, h, _ = index.shape
     mask = mask.expand(b, h, mask.shape[-2], mask.shape[-1])
     return mask.gather(2, index.unsqueeze(-1).expand(b, h, index.shape[-1], mask.shape[-1]))
+
+
+def gather_seq(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Hidden state x (B, N, C), one index for the whole batch keep (L,) -> (B, L, C)."""
+    return x.index_select(1, keep)
+
+
+def merge_seq(
+    x: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor, drop_slot: torch.Tensor, count: torch.Tensor
+) -> torch.Tensor:
+    """Mean-reduce x (B, N, C) with a batch-shared plan: (L,), (n_drop,), (n_drop,), (L,)."""
+    base = x.index_select(1, keep).index_add(1, drop_slot, x.index_select(1, drop))
+    return base / count.to(x.dtype).view(1, -1, 1)

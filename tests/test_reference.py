@@ -67,9 +67,8 @@ def keep_count(n_visual, n_dst, ratio):
     return max(n_dst, int(n_visual * (1 - ratio))) if ratio > 0 else n_visual
 
 
-def ref_site(q, k, v, mask, n_text, text_first, grid, q_ratio, kv_ratio, metric, mode, symmetric=False):
-    """Reduce-attend-restore of one site, (B, H, N, D) in, (B, H, N, D) out. Symmetric: Q, K and
-    V all follow one matching computed on K (ToMe's choice of metric)."""
+def ref_site(q, k, v, mask, n_text, text_first, grid, q_ratio, kv_ratio, metric, mode):
+    """Reduce-attend-restore of one site, (B, H, N, D) in, (B, H, N, D) out."""
     b_, h_, n, d_ = q.shape
     nv = n - n_text
     vis0 = n_text if text_first else 0
@@ -78,8 +77,8 @@ def ref_site(q, k, v, mask, n_text, text_first, grid, q_ratio, kv_ratio, metric,
     out = torch.empty_like(q)
     for b, h in itertools.product(range(b_), range(h_)):
         qv, kv_, vv = (t[b, h, vis0 : vis0 + nv] for t in (q, k, v))
-        q_rank, q_near = ref_match(kv_ if symmetric else qv, dst, src, metric)
-        v_rank, v_near = (q_rank, q_near) if symmetric else ref_match(vv, dst, src, metric)
+        q_rank, q_near = ref_match(qv, dst, src, metric)
+        v_rank, v_near = ref_match(vv, dst, src, metric)
         q_rows, q_row_of, _ = ref_reduce(qv, dst, q_rank, q_near, keep_count(nv, len(dst), q_ratio), mode)
         k_rows, _, _ = ref_reduce(kv_, dst, v_rank, v_near, keep_count(nv, len(dst), kv_ratio), mode)
         v_rows, _, kv_positions = ref_reduce(vv, dst, v_rank, v_near, keep_count(nv, len(dst), kv_ratio), mode)
@@ -101,7 +100,7 @@ def ref_site(q, k, v, mask, n_text, text_first, grid, q_ratio, kv_ratio, metric,
 
 
 @contextlib.contextmanager
-def reference_attention(n_total, n_text, text_first, grid, q_ratio, kv_ratio, metric, mode, symmetric=False):
+def reference_attention(n_total, n_text, text_first, grid, q_ratio, kv_ratio, metric, mode):
     original = torch.nn.functional.scaled_dot_product_attention
     calls = []
 
@@ -109,7 +108,7 @@ def reference_attention(n_total, n_text, text_first, grid, q_ratio, kv_ratio, me
         if query.shape[-2] != n_total:  # e.g. HunyuanVideo's text-only token refiner
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
         calls.append(query.shape)
-        return ref_site(query, key, value, attn_mask, n_text, text_first, grid, q_ratio, kv_ratio, metric, mode, symmetric)
+        return ref_site(query, key, value, attn_mask, n_text, text_first, grid, q_ratio, kv_ratio, metric, mode)
 
     torch.nn.functional.scaled_dot_product_attention = patched
     try:
@@ -162,17 +161,3 @@ def test_hunyuan_with_mask_matches_reference(q, kv, metric, mode):
     assert [s.reducible for s in sites] == [False, True, True]
     assert "not inside a transformer block" in sites[0].reason
 
-
-@pytest.mark.parametrize("mode", ["replace", "mean"])
-def test_symmetric_mode_matches_reference(mode):
-    model, inputs = tiny_cogvideox(), cogvideox_inputs()
-    cfg = asymrnr_fx.AsymRnRConfig(
-        q_ratio=0.0, kv_ratio=0.0, h_ratio=0.4, reduce_mode=mode, split="fixed", compiler="aot_eager"
-    )
-    compiled = asymrnr_fx.compile(model, cfg)
-    got = run(compiled, inputs, 900.0)
-    with reference_attention(4 + 192, 4, True, (3, 8, 8), 0.4, 0.4, "euclidean", mode, symmetric=True):
-        want = run(model, inputs, 900.0)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert set(compiled.asymrnr.used_lengths[(0, 0)].values()) == {(115, 115)}
-    assert compiled.asymrnr.stats["matchings"] == 2  # one matching per site, shared by Q, K and V
