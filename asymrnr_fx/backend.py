@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import fx
 
+from . import tokens
 from .config import AsymRnRConfig
 from .models.adapter import UnsupportedModelError, adapter_for_classes
 from .passes import reduce_attention as ra
 from .passes import segment, sites
 from .passes import symmetric as sym
 from .runtime import AsymRnRRuntime, register_runtime, runtime_for_anchor
-from . import tokens
 from .tokens import reduced_length, window_split
 
 CompiledFn = Callable[..., Any]
