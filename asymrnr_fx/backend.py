@@ -114,7 +114,7 @@ class _SiteSegment(_Segment):
         node = next(n for n in gm.graph.nodes if n.name == site.node_name)
         args = sites.sdpa_arguments(node)
         placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-        self.pos = {f: placeholders.index(args[name].name) for f, name in (("q", "query"), ("k", "key"), ("v", "value"))}
+        self.pos = {f: placeholders.index(args[name].name) for f, name in (("q", "query"), ("v", "value"))}
         self.n_dst = window_split(grid, cfg.dst_stride, fixed=True)[0].numel()
 
     def lengths(self) -> tuple[int, int]:
@@ -126,14 +126,12 @@ class _SiteSegment(_Segment):
         return ra.rewrite_site(gm, self.site.node_name, variant, self.rt.rewrites)
 
     def _plan_inputs(self, args: Sequence[Any], variant: ra.Variant, nq: int, nkv: int) -> list[torch.Tensor]:
-        """Cached plans for this step; symmetric mode matches once on K for every side."""
-        symmetric = self.rt.ratios(self.site.block)[2] > 0
-        features = {"q": "k" if symmetric else "q", "kv": "k" if symmetric else "v"}
+        """Cached plans for this step: queries matched on Q, keys and values together on V."""
         plans = {}
-        for side, n_keep, on in (("q", nq, variant.reduce_q), ("kv", nkv, variant.reduce_kv)):
+        for side, feature, n_keep, on in (("q", "q", nq, variant.reduce_q), ("kv", "v", nkv, variant.reduce_kv)):
             if on:
-                x = args[self.pos[features[side]]]
-                cached = self.rt.matching(self.site.index, features[side], x, self.site.layout, self.grid)
+                x = args[self.pos[feature]]
+                cached = self.rt.matching(self.site.index, feature, lambda x=x: x, self.site.layout, self.grid)
                 plans[side] = self.rt.plan(cached, n_keep, self.site.layout)
         return ra.plan_inputs(variant, plans)
 
@@ -168,8 +166,10 @@ class _SymmetricSegment(_Segment):
         return gm
 
     def _plan_inputs(self, args: Sequence[Any], n_keep: int) -> list[torch.Tensor]:
-        x = args[self.x_pos].mean(0, keepdim=True).unsqueeze(1)  # (1, 1, N, C): one matching per batch
-        cached = self.rt.matching(self.site.index, "h", x, self.x_layout, self.grid)
+        def batch_mean() -> torch.Tensor:  # (1, 1, N, C): one matching for the whole batch
+            return args[self.x_pos].mean(0, keepdim=True).unsqueeze(1)
+
+        cached = self.rt.matching(self.site.index, "h", batch_mean, self.x_layout, self.grid)
         full = self.rt.plan(cached, n_keep, self.site.layout)
         vis = self.rt.plan(cached, n_keep, tokens.Layout(0, self.site.layout.n_visual, True))
         return sym.plan_inputs(full, vis, self.points, self.cfg.reduce_mode == "mean")

@@ -17,7 +17,7 @@ import contextlib
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,13 +148,16 @@ class AsymRnRRuntime:
         fixed = self.config.split == "fixed"
         return tokens.window_split(grid, self.config.dst_stride, generator=gen, fixed=fixed)
 
-    def matching(self, site: int, feature: str, x: torch.Tensor, layout: tokens.Layout, grid: tokens.Grid):
-        """The site's matching on `feature` for this window and context, computed once per window."""
+    def matching(
+        self, site: int, feature: str, features: Callable[[], torch.Tensor], layout: tokens.Layout, grid: tokens.Grid
+    ) -> _Cached:
+        """The site's matching on `feature` for this window and context, computed once per window
+        from `features()` (B, H, N, D), which is not called when the cached matching is reused."""
         key = (self.context_key, site, feature)
         cached = self._cache.get(key)
         if cached is None or cached.window != self.window:
             with torch.no_grad():
-                vis = x.narrow(2, layout.visual_offset, layout.n_visual)
+                vis = features().narrow(2, layout.visual_offset, layout.n_visual)
                 dst, src = self._split(site, grid)
                 m = tokens.match_sources(
                     vis, dst, src, metric=self.config.distance, max_elements=self.config.max_match_elements
