@@ -13,6 +13,7 @@ back on restore.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,10 @@ def reduced_length(n_visual: int, n_dst: int, ratio: float) -> int:
     return max(n_dst, int(n_visual * (1 - ratio)))
 
 
+@functools.lru_cache(maxsize=64)
 def _window_starts(grid: Grid, stride: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start corner (n_windows, 3) and extent (n_windows, 3) of every stride window of `grid`."""
+    """Start corner (n_windows, 3) and extent (n_windows, 3) of every stride window of `grid`.
+    Cached: a matching step would otherwise rebuild them; callers must not modify them."""
     axes = [torch.arange(0, size, step) for size, step in zip(grid, stride)]
     starts = torch.cartesian_prod(*axes).reshape(-1, 3)
     sizes = torch.tensor(grid).unsqueeze(0)
@@ -51,7 +54,7 @@ def window_split(
     else:
         u = torch.rand(starts.shape, generator=generator, dtype=torch.float64)
         offset = (u * extent).long()
-    coords = starts + offset
+    coords = starts + offset  # a new tensor: the cached starts stay untouched
     _, h, w = grid
     dst = coords[:, 0] * (h * w) + coords[:, 1] * w + coords[:, 2]
     is_src = torch.ones(grid[0] * h * w, dtype=torch.bool)
