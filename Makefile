@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-site clean
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: demo test bench bench-quick bench-site clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# peers for `python -m bench`; para-attn 0.3.38 names a git URL in its dev extra, which pip >= 26.3
+# refuses even with --no-deps, so an older pip (kept inside .venv) installs it
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,quality,bench]'
+	$(PYTHON) -m venv $(VENV)/pip261 && $(VENV)/pip261/bin/pip install -q 'pip==26.1'
+	$(VENV)/pip261/bin/pip --python $(PY) install -q --no-deps 'para-attn==0.3.38' || echo "para-attn not installed: its rows say why"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench --quick
 
 bench-site: $(STAMP)
 	$(PY) -m bench.site

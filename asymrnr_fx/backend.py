@@ -230,6 +230,8 @@ def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig
     points = _symmetric_points(gm, info, rt) if symmetric else {}
     reducible = [s for s in info.sites if s.reducible and (not symmetric or s.index in points)]
     cuts = [points[s.index].cut if symmetric else s.node_name for s in reducible]
+    rt.active_sites = {s.path for s in reducible}
+    rt.symmetric_points = {s.path: points[s.index] for s in reducible if symmetric}
     top, names = segment.split_at_sites(gm, cuts)
     for k, name in enumerate(names):
         sub = getattr(top, name)

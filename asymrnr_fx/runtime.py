@@ -47,6 +47,8 @@ class AsymRnRRuntime:
         self.compiled: dict[tuple, Any] = {}  # (segment structure, variant, strides) -> callable
         self.used_lengths: dict[tuple[int, Any], dict[str, tuple[int, int]]] = {}
         self.info: Any = None
+        self.active_sites: set[str] = set()  # sites with a reducing segment (others stay dense)
+        self.symmetric_points: dict[str, Any] = {}  # symmetric mode: each site's rewrite points
         self._reduced_sites: set[str] = set()
         self.lock = threading.RLock()  # one call at a time: step state is shared
         self.reset()
@@ -123,7 +125,8 @@ class AsymRnRRuntime:
             self.rewrites["sites_reduced"] = len(self._reduced_sites)
 
     def reduced_lengths(self, step: int) -> dict[str, tuple[int, int]]:
-        """Visual tokens kept (queries, keys/values) at every reducible site at `step`."""
+        """Visual tokens kept (queries, keys/values) at every reducible site at `step`; a site the
+        current mode cannot reduce (see `active_sites`) keeps all of them."""
         from .backend import site_lengths
 
         if self.info is None:
@@ -132,6 +135,8 @@ class AsymRnRRuntime:
         try:
             return {
                 s.path: site_lengths(self, s, _n_dst(s, self.info.grid, self.config.dst_stride))
+                if s.path in self.active_sites
+                else (s.layout.n_visual, s.layout.n_visual)
                 for s in self.info.sites
                 if s.reducible
             }

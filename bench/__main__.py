@@ -1,0 +1,246 @@
+"""`python -m bench`: speed, fidelity, compile cost and memory of asymrnr beside its peers.
+
+    python -m bench            # full: published block and step counts (about an hour or more on 2 CPU cores)
+    python -m bench --quick    # reduced blocks / steps / methods (< 10 minutes on 2 CPU cores)
+    python -m bench --smoke    # minimal config with aot_eager, for the test suite
+
+Every method runs in this one process, on the same model and machine, against the same compiled
+dense baseline. Writes bench/results/<date>-<device>[-quick|-smoke].{md,json} and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import compare, report
+from .flops import count_call
+from .methods import METHODS, MethodSpec, RunContext
+from .run import Result, run_method
+from .workloads import SCALED, Workload, fixture_workload, scaled_workload
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one mode runs. `scaled`: workload -> (blocks per container, steps)."""
+
+    fixture_steps: int
+    fixture_prompts: int  # generations: the first is the warm-up, the rest are timed
+    scaled: dict[str, tuple[tuple[int, ...], int]]
+    scaled_reps: int
+    compiler: str
+    site: tuple[int, int, int] | None  # bench.site (tokens, heads, reps)
+    scaled_core_only: bool = True  # random-weight workloads run only the core methods
+
+
+PLANS = {
+    "smoke": Plan(4, 2, {"cogvideox-2b": ((2,), 3)}, 1, "aot_eager", None),
+    "quick": Plan(20, 4, {"cogvideox-2b": ((4,), 10), "hunyuanvideo": ((1, 2), 10)}, 2, "inductor", (1000, 2, 5)),
+    "full": Plan(20, 10, {"cogvideox-2b": ((30,), 50), "hunyuanvideo": ((20, 40), 30)}, 3, "inductor", (4096, 6, 7),
+                 scaled_core_only=False),
+}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick")
+    mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument("--workloads", default="", help="comma-separated subset: fixture,cogvideox-2b,hunyuanvideo")
+    p.add_argument("--methods", default="", help="regex: run only methods whose name matches (dense always runs)")
+    p.add_argument("--reps", type=int, default=None, help="timed generations per method (default: by mode)")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="use the normal Inductor cache (default: a fresh one, so compile times are cold)")
+    return p.parse_args(argv)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return "cpu"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "diffusers", "cache-dit", "para-attn", "psutil"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def build_workloads(plan: Plan, only: set[str], device: str, dtype: torch.dtype) -> Iterator[Callable[[], Workload]]:
+    """Builders, in table order; each workload is built when its turn comes and freed after."""
+    if not only or "fixture" in only:
+        yield lambda: fixture_workload(plan.fixture_steps, plan.fixture_prompts, device, dtype)
+    for name, (blocks, steps) in plan.scaled.items():
+        if not only or name in only:
+            yield lambda s=SCALED[name], b=blocks, n=steps: scaled_workload(s, b, n, device, dtype)
+
+
+def selected(spec: MethodSpec, mode: str, wl: Workload, plan: Plan, pattern: str) -> str | None:
+    """None to run; else why the row is skipped. Rows of another workload are not shown."""
+    if spec.workloads is not None and wl.name not in spec.workloads:
+        return "n/a"
+    if mode not in spec.modes or (not wl.quality and plan.scaled_core_only and not spec.core):
+        return "skipped: full mode only" if mode == "quick" else f"skipped in --{mode}"
+    if pattern and spec.family != "dense" and not re.search(pattern, spec.name):
+        return "skipped: --methods"
+    return None
+
+
+def skipped_row(spec: MethodSpec, wl: Workload, ctx: RunContext, why: str) -> Result:
+    return Result(wl.name, spec.name.format(compiler=ctx.compiler), spec.family, spec.kind, spec.compiled,
+                  spec.baseline, wl.steps, status=why)
+
+
+def run_workload(wl: Workload, mode: str, plan: Plan, ctx: RunContext, reps: int, pattern: str) -> tuple[list[Result], dict]:
+    call = count_call(wl.model, lambda: wl.example_call(wl.model))
+    results, samples = [], {}  # samples: method -> Samples
+    for spec in METHODS:
+        why = selected(spec, mode, wl, plan, pattern)
+        if why == "n/a":
+            continue
+        if why:
+            results.append(skipped_row(spec, wl, ctx, why))
+            continue
+        res, s = run_method(spec, wl, ctx, call, reps)
+        tqdm.write(f"  {wl.name:>14} | {res.method:<48} | "
+                   + (f"{res.ms_per_step:8.1f} ms/step" if res.ok else res.status[:100]))
+        results.append(res)
+        samples[res.method] = s
+    meta = {"name": wl.name, **wl.describe, "gflop_per_step": call.dense / 1e9, "attention_share": call.attention_share,
+            "notes": list(wl.notes)}
+    if wl.quality:
+        ref = compare.fill_quality(results, wl.name, samples)
+        meta["notes"].append(f"PSNR / SSIM against: {ref}")
+    return results, meta
+
+
+def run_site(plan: Plan) -> dict[str, Any]:
+    if plan.site is None:
+        return {}
+    from . import site
+
+    tokens, heads, reps = plan.site
+    args = argparse.Namespace(tokens=tokens, heads=heads, head_dim=64, reps=reps)
+    try:
+        return {"args": f"tokens={tokens} heads={heads}x64 reps={reps}", "rows": site.measure(args)}
+    except Exception as err:  # noqa: BLE001 -- reported, not fatal
+        return {"args": str(vars(args)), "rows": [], "error": f"{type(err).__name__}: {err}"}
+
+
+def findings(results: list[Result], site: dict, workloads: list[dict]) -> dict[str, list[str]]:
+    beaten, lines = compare.peer_verdicts(results)
+    head = {None: "- No peer was measured on the fixture.",
+            True: "- Yes: at equal or better PSNR, one of our configurations is faster than every measured peer.",
+            False: "- **No**: at least one peer is faster than every one of our configurations with at least its "
+                   "PSNR (equal PSNR read as: ours >= the peer's PSNR). Details per peer:"}[beaten]
+    failures = [f"- {r.workload} / {r.method}: {r.status}" for r in results
+                if not r.ok and not r.status.startswith("skipped")]
+    return {
+        "Summary": compare.summary_lines(results),
+        "Ours vs peers on the fixture, at equal PSNR": [head, *lines],
+        "Targets": [*compare.site_targets(site.get("rows", [])), *compare.published_targets(results)]
+        + ([f"- site benchmark failed: {site['error']}"] if site.get("error") else []),
+        "Deviations from the published models": [f"- {w['name']}: blocks {w['blocks']}, steps {w['steps']}; "
+                                                 + "; ".join(w["notes"]) for w in workloads],
+        "Peers that could not be measured, and other failures": failures,
+    }
+
+
+def write_outputs(out: Path, stem: str, meta: dict, results: list[Result], workloads: list[dict], site: dict,
+                  found: dict) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json"}
+    plots = {}
+    if report.pareto_plot(results, out / f"{stem}-pareto.png"):
+        plots["speedup vs PSNR"] = paths["pareto"] = out / f"{stem}-pareto.png"
+    if report.steps_plot(results, out / f"{stem}-steps.png"):
+        plots["per-step time"] = paths["steps"] = out / f"{stem}-steps.png"
+    paths["md"].write_text(report.markdown(meta, results, workloads, site, found, {k: str(v) for k, v in plots.items()}))
+    report.write_json(paths["json"], {"meta": meta, "findings": found, "workloads": workloads, "site": site,
+                                      "results": [r.to_json() for r in results]})
+    return paths
+
+
+def quiet() -> None:
+    """Peers log a lot at INFO; keep the progress output readable."""
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+
+
+def run_all(args: argparse.Namespace, mode: str, plan: Plan, ctx: RunContext,
+            dtype: torch.dtype) -> tuple[list[Result], list[dict]]:
+    """Every selected workload in table order, each built, run and freed in turn."""
+    results, workloads = [], []
+    for build in build_workloads(plan, {w for w in args.workloads.split(",") if w}, ctx.device, dtype):
+        wl = build()
+        reps = args.reps or (plan.fixture_prompts - 1 if wl.quality else plan.scaled_reps)
+        rows, meta = run_workload(wl, mode, plan, ctx, reps, args.methods)
+        results += rows
+        workloads.append(meta)
+        del wl
+    compare.fill_speedups(results)
+    return results, workloads
+
+
+def run_meta(args: argparse.Namespace, mode: str, plan: Plan, dtype: torch.dtype, argv: list[str] | None,
+             start: float) -> dict[str, Any]:
+    return {"date": dt.date.today().isoformat(), "device": device_name(), "mode": mode,
+            "threads": torch.get_num_threads(), "compiler": plan.compiler, "dtype": str(dtype).replace("torch.", ""),
+            "inductor cache": "warm (user's)" if args.warm_cache else "fresh per run (cold compiles)",
+            "versions": versions(), "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "wall s": round(time.perf_counter() - start, 1)}
+
+
+def print_summary(results: list[Result], found: dict[str, list[str]], meta: dict, paths: dict[str, Path]) -> None:
+    shown = [r for r in results if not r.status.startswith("skipped")]
+    print(report.main_table(shown, fmt="simple"))
+    print(f"({len(results) - len(shown)} rows not run in this mode are listed in the results file)")
+    for title, items in found.items():
+        print(f"\n{title}\n" + "\n".join(items))
+    print(f"\nwall {meta['wall s']} s; wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    args = parse(argv)
+    mode = args.mode or "full"
+    plan, start = PLANS[mode], time.perf_counter()
+    quiet()
+    if not args.warm_cache:  # cold compile times, whatever earlier runs left in the user's cache
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="asymrnr-bench-inductor-")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    print(f"bench: {mode} mode, {device_name()}, {torch.get_num_threads()} threads, compiler {plan.compiler}")
+    results, workloads = run_all(args, mode, plan, RunContext(plan.compiler, device), dtype)
+    site = run_site(plan)
+    found = findings(results, site, workloads)
+    meta = run_meta(args, mode, plan, dtype, argv, start)
+    stem = f"{meta['date']}-{meta['device']}" + ("" if mode == "full" else f"-{mode}")
+    paths = write_outputs(args.out, stem, meta, results, workloads, site, found)
+    print_summary(results, found, meta, paths)
+    return paths
+
+
+if __name__ == "__main__":
+    main()

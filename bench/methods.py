@@ -1,0 +1,240 @@
+"""The methods of the table, as data, and one small `prepare_*` function per kind.
+
+A spec names a kind (a key of RUNNERS) and its options. `prepare(spec, model, workload, ctx)`
+gets a private copy of the workload's eager model, installs the method on it and returns the
+callable the generation loop calls in place of the transformer, plus what to reset between
+generations. Peers are imported only here and only when their row runs: a peer that cannot be
+imported or run becomes a row with its error, not a missing row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+import asymrnr_fx
+from asymrnr_fx import AsymRnRConfig
+
+from .flops import symmetric_ratio
+from .measure import CompileStats, timed_backend
+from .workloads import Workload
+
+Call = Callable[..., Any]
+ALL_MODES = frozenset({"smoke", "quick", "full"})
+QUICK = frozenset({"quick", "full"})
+FULL = frozenset({"full"})
+FIXTURE = frozenset({"fixture"})
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row kind of the table. `options` are the kind's keyword arguments."""
+
+    name: str
+    kind: str
+    family: str  # "dense" | "ours" | "peer"
+    options: tuple[tuple[str, Any], ...] = ()
+    compiled: bool = False
+    modes: frozenset[str] = QUICK
+    workloads: frozenset[str] | None = None  # None: every workload
+    baseline: bool = False
+    core: bool = False  # also run on the random-weight workloads in --quick
+
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def runs_in(self, mode: str, workload: str) -> bool:
+        return mode in self.modes and (self.workloads is None or workload in self.workloads)
+
+
+def spec(name: str, kind: str, family: str, *, compiled: bool = False, modes: frozenset[str] = QUICK,
+         workloads: frozenset[str] | None = None, baseline: bool = False, core: bool = False,
+         **options: Any) -> MethodSpec:
+    return MethodSpec(name, kind, family, tuple(options.items()), compiled, modes, workloads, baseline, core)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    compiler: str  # "inductor" (real numbers) or "aot_eager" (smoke test)
+    device: str
+
+
+@dataclass
+class Prepared:
+    call: Call
+    reset: Callable[[], None] = lambda: None
+    runtime: asymrnr_fx.AsymRnRRuntime | None = None
+    stats: CompileStats = field(default_factory=CompileStats)
+    note: str = ""
+
+
+# ---- dense ------------------------------------------------------------------------------------------
+def prepare_eager(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx: RunContext) -> Prepared:
+    return Prepared(model)
+
+
+def _compile(model: torch.nn.Module, ctx: RunContext, stats: CompileStats) -> Call:
+    return torch.compile(model, backend=timed_backend(stats, ctx.compiler), dynamic=False)
+
+
+def prepare_compiled(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx: RunContext) -> Prepared:
+    stats = CompileStats()
+    return Prepared(_compile(model, ctx, stats), stats=stats)
+
+
+# ---- ours -------------------------------------------------------------------------------------------
+def asymrnr_config(opts: dict[str, Any], wl: Workload, compiler: str) -> AsymRnRConfig:
+    """Config of one of our rows: a published schedule by label, or constant ratios."""
+    if "schedule" in opts:
+        published = wl.schedules[opts["schedule"]]
+        if isinstance(published, str):
+            raise FileNotFoundError(published)
+        schedule, every = published
+        return AsymRnRConfig(schedule=schedule, matching_every=every, compiler=compiler)
+    if "match_flops_of" in opts:
+        h = round(symmetric_ratio(*opts["match_flops_of"]), 4)
+        return AsymRnRConfig(q_ratio=0.0, kv_ratio=0.0, h_ratio=h, compiler=compiler)
+    return AsymRnRConfig(q_ratio=opts.get("q", 0.0), kv_ratio=opts.get("kv", 0.0), compiler=compiler)
+
+
+def prepare_asymrnr(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx: RunContext) -> Prepared:
+    cfg = asymrnr_config(spec.opts, wl, ctx.compiler)
+    compiled = asymrnr_fx.compile(model, cfg)
+    note = f"h={cfg.h_ratio}" if cfg.h_ratio else ""
+    return Prepared(compiled, runtime=compiled.asymrnr, note=note)
+
+
+# ---- peers: diffusers cache hooks -------------------------------------------------------------------
+class _Clock:
+    """The current timestep, for hooks that ask for it through a callback (PAB, FasterCache)."""
+
+    t: float = 1000.0
+
+    def get(self) -> float:
+        return self.t
+
+
+def diffusers_config(name: str, params: dict[str, Any], clock: _Clock) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    if "current_timestep_callback" in {f.name for f in fields(cls)}:
+        params = {**params, "current_timestep_callback": clock.get}
+    return cls(**params)
+
+
+def prepare_diffusers(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx: RunContext) -> Prepared:
+    opts, clock, stats = spec.opts, _Clock(), CompileStats()
+    model.enable_cache(diffusers_config(opts["config"], opts.get("params", {}), clock))
+    inner = _compile(model, ctx, stats) if spec.compiled else model
+
+    def call(**kwargs: Any) -> Any:
+        clock.t = float(kwargs["timestep"].reshape(-1)[0])
+        with model.cache_context("cond"):  # outside a pipeline the hooks need a named context
+            return inner(**kwargs)
+
+    return Prepared(call, reset=model._reset_stateful_cache, stats=stats)
+
+
+# ---- peers: cache-dit ---------------------------------------------------------------------------------
+def prepare_cache_dit(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx: RunContext) -> Prepared:
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
+    import cache_dit
+
+    params, stats = {**spec.opts.get("params", {}), "num_inference_steps": wl.steps}, CompileStats()
+    cache_dit.enable_cache(model, cache_config=cache_dit.DBCacheConfig(**params))
+
+    def reset() -> None:  # transformer-only use: a fresh context per generation
+        cache_dit.refresh_context(model, cache_config=cache_dit.DBCacheConfig(**params))
+
+    inner = _compile(model, ctx, stats) if spec.compiled else model
+    return Prepared(inner, reset=reset, stats=stats)
+
+
+# ---- peers: ParaAttention ---------------------------------------------------------------------------
+def prepare_para_attn(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx: RunContext) -> Prepared:
+    from para_attn.first_block_cache import utils
+    from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_transformer
+
+    apply_cache_on_transformer(model)
+    params, stats = spec.opts.get("params", {}), CompileStats()
+
+    def reset() -> None:  # what apply_cache_on_pipe does around each pipeline call
+        utils.set_current_cache_context(utils.create_cache_context(**params))
+
+    inner = _compile(model, ctx, stats) if spec.compiled else model
+    return Prepared(inner, reset=reset, stats=stats)
+
+
+RUNNERS: dict[str, Callable[[MethodSpec, torch.nn.Module, Workload, RunContext], Prepared]] = {
+    "eager": prepare_eager,
+    "compiled": prepare_compiled,
+    "asymrnr": prepare_asymrnr,
+    "diffusers": prepare_diffusers,
+    "cache_dit": prepare_cache_dit,
+    "para_attn": prepare_para_attn,
+}
+
+
+def _peer(name: str, kind: str, modes_eager: frozenset[str], modes_compiled: frozenset[str], **opts: Any):
+    """The eager and the torch.compile'd row of one peer configuration (fixture only)."""
+    return [
+        spec(name, kind, "peer", modes=modes_eager, workloads=FIXTURE, **opts),
+        spec(f"{name} + compile", kind, "peer", compiled=True, modes=modes_compiled, workloads=FIXTURE, **opts),
+    ]
+
+
+TAYLORSEER_ATTN1 = {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1,
+                    "taylor_factors_dtype": torch.float32, "cache_identifiers": [r"^transformer_blocks.*attn1"]}
+
+METHODS: list[MethodSpec] = [
+    spec("eager dense", "eager", "dense", modes=ALL_MODES, core=True),
+    spec("{compiler} dense (baseline)", "compiled", "dense", compiled=True, modes=ALL_MODES, baseline=True,
+         core=True),
+    # ours: published schedules, constant ratios, one side only, symmetric at equal attention FLOPs
+    spec("asymrnr published base", "asymrnr", "ours", compiled=True, modes=ALL_MODES, core=True, schedule="base"),
+    spec("asymrnr published fast", "asymrnr", "ours", compiled=True, core=True, schedule="fast"),
+    spec("asymrnr q=0.5 kv=0.3", "asymrnr", "ours", compiled=True, modes=ALL_MODES, core=True, q=0.5, kv=0.3),
+    spec("asymrnr q=0.25 kv=0.25", "asymrnr", "ours", compiled=True, modes=FULL, q=0.25, kv=0.25),
+    spec("asymrnr q=0.5 kv=0.5", "asymrnr", "ours", compiled=True, modes=FULL, q=0.5, kv=0.5),
+    spec("asymrnr q=0.7 kv=0.5", "asymrnr", "ours", compiled=True, modes=FULL, q=0.7, kv=0.5),
+    spec("asymrnr q-only 0.5", "asymrnr", "ours", compiled=True, q=0.5),
+    spec("asymrnr kv-only 0.5", "asymrnr", "ours", compiled=True, kv=0.5),
+    spec("symmetric (ToMe-style), attention FLOPs of q0.5/kv0.3", "asymrnr", "ours", compiled=True,
+         match_flops_of=(0.5, 0.3)),
+    spec("symmetric (ToMe-style), attention FLOPs of q0.5/kv0.5", "asymrnr", "ours", compiled=True, modes=FULL,
+         match_flops_of=(0.5, 0.5)),
+    # peers (trained fixture only: their skip decisions mean nothing on random weights)
+    *_peer("diffusers FirstBlockCache t=0.05", "diffusers", FULL, FULL, config="FirstBlockCacheConfig",
+           params={"threshold": 0.05}),
+    *_peer("diffusers FirstBlockCache t=0.2", "diffusers", ALL_MODES, QUICK, config="FirstBlockCacheConfig",
+           params={"threshold": 0.2}),
+    *_peer("diffusers PyramidAttentionBroadcast", "diffusers", QUICK, FULL, config="PyramidAttentionBroadcastConfig",
+           params={"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)}),
+    *_peer("diffusers FasterCache", "diffusers", QUICK, FULL, config="FasterCacheConfig",
+           params={"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (-1, 681),
+                   "attention_weight_callback": lambda _: 0.3, "is_guidance_distilled": True,
+                   "tensor_format": "BFCHW"},
+           note="diffusers' CogVideoX example values; is_guidance_distilled=True (the fixture samples without CFG)"),
+    *_peer("diffusers TaylorSeer (defaults)", "diffusers", FULL, FULL, config="TaylorSeerCacheConfig",
+           params={"taylor_factors_dtype": torch.float32},
+           note="default identifiers ('^transformer_blocks.*attn') match no CogVideoX module (attn1): no-op"),
+    *_peer("diffusers TaylorSeer (attn1)", "diffusers", QUICK, FULL, config="TaylorSeerCacheConfig",
+           params=TAYLORSEER_ATTN1),
+    *_peer("cache-dit DBCache F1B0 rdt=0.08", "cache_dit", FULL, FULL,
+           params={"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08,
+                   "max_warmup_steps": 2}),
+    *_peer("cache-dit DBCache F1B0 rdt=0.2", "cache_dit", QUICK, FULL,
+           params={"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.2,
+                   "max_warmup_steps": 2}),
+    *_peer("ParaAttention FirstBlockCache rdt=0.08", "para_attn", FULL, FULL,
+           params={"residual_diff_threshold": 0.08}),
+    *_peer("ParaAttention FirstBlockCache rdt=0.2", "para_attn", QUICK, FULL,
+           params={"residual_diff_threshold": 0.2}),
+]
