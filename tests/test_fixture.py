@@ -176,6 +176,16 @@ def test_passed_transformer_is_the_one_used(fx: fixture.Fixture) -> None:
     assert torch.equal(out.latents, fixture.initial_noise(fx.latent_shape, seed=4))
 
 
+def test_without_rotary_embedding_there_is_no_clip(fx: fixture.Fixture) -> None:
+    """Positions reach the model only through ``image_rotary_emb``: dropping it breaks samples."""
+
+    def no_rope(**kwargs) -> tuple[torch.Tensor, ...]:
+        return fx.transformer(**{**kwargs, "image_rotary_emb": None})
+
+    video = fx.generate("red circle moving right", steps=STEPS, seed=SEED, transformer=no_rope)
+    assert not looks_like_clip(video)
+
+
 def test_seeds_differ_and_cfg_runs(fx: fixture.Fixture) -> None:
     prompt = "yellow circle moving down"
     a, b = fx.generate(prompt, steps=8, seed=1), fx.generate(prompt, steps=8, seed=2)

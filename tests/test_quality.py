@@ -115,3 +115,25 @@ def test_compare_sets_requires_all_reference_prompts() -> None:
     ref = quality.collect(_seeded, PROMPTS)
     with pytest.raises(KeyError, match="lacks prompts"):
         quality.compare_sets({PROMPTS[0]: ref[PROMPTS[0]]}, ref)
+
+
+# --- on the shipped fixture: the floors the backend's results are read against -----------------
+
+FLOOR_PROMPTS = ("red circle moving right", "blue square static")
+
+
+def test_fixture_dense_eager_is_bitwise_deterministic() -> None:
+    from asymrnr_fx.models import fixture
+
+    gen = fixture.load().generator(steps=6)
+    assert quality.is_deterministic(gen, FLOOR_PROMPTS, seed=0)
+    assert quality.noise_floor(gen, prompts=FLOOR_PROMPTS).mean == quality.Metrics(math.inf, 1.0, 0.0)
+
+
+def test_fixture_numeric_floor_against_float64_is_small_but_nonzero() -> None:
+    from asymrnr_fx.models import fixture
+
+    fp32, fp64 = fixture.load(), fixture.load(dtype=torch.float64)
+    report = quality.noise_floor(fp32.generator(steps=6), fp64.generator(steps=6), prompts=FLOOR_PROMPTS)
+    for m in report.per_prompt.values():
+        assert 0.0 < m.rel_l2 < 1e-4 and 80.0 < m.psnr < math.inf and m.ssim > 0.999
