@@ -7,6 +7,7 @@ validated on rendered ground-truth clips, then applied to generations of the tra
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -15,19 +16,20 @@ from asymrnr_fx.models.fixture import data
 from asymrnr_fx.models.fixture.model import FixtureConfig
 from diffusers import CogVideoXTransformer3DModel
 
-STEPS = 15
+STEPS = 20
 SEED = 0
+SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="module")
 def fx() -> fixture.Fixture:
-    torch.set_num_threads(1)
     return fixture.load(path=fixture.WEIGHTS)
 
 
 @pytest.fixture(scope="module")
-def samples(fx: fixture.Fixture) -> dict[str, torch.Tensor]:
-    return {p: fx.generate(p, steps=STEPS, seed=SEED) for p in fixture.PROMPTS}
+def samples(fx: fixture.Fixture) -> dict[tuple[str, int], torch.Tensor]:
+    """Every evaluation prompt at two seeds, 20 Euler steps, no CFG (~10 s on one core)."""
+    return {(p, s): fx.generate(p, steps=STEPS, seed=s) for p in fixture.PROMPTS for s in SEEDS}
 
 
 def frame_motion(video: torch.Tensor) -> float:
@@ -117,24 +119,44 @@ def test_weights_load_with_from_pretrained(fx: fixture.Fixture) -> None:
 
 
 @pytest.mark.parametrize("prompt", fixture.PROMPTS)
-def test_sample_matches_prompt(samples: dict[str, torch.Tensor], prompt: str) -> None:
-    video = samples[prompt]
-    attrs = data.parse_prompt(prompt)
-    m = data.measure(video)
-    assert video.shape == (8, 3, 16, 16) and looks_like_clip(video), m
-    assert m.colour == data.COLOUR_NAMES[attrs.colour], m
-    assert m.direction == data.DIRECTION_NAMES[attrs.direction], m
+def test_sample_is_a_clip_of_the_prompted_colour(samples: dict, prompt: str) -> None:
+    for seed in SEEDS:
+        video = samples[prompt, seed]
+        m = data.measure(video)
+        assert video.shape == (8, 3, 16, 16) and looks_like_clip(video), m
+        assert m.colour == data.COLOUR_NAMES[data.parse_prompt(prompt).colour], m
 
 
-def test_shapes_mostly_match(samples: dict[str, torch.Tensor]) -> None:
-    hits = [data.measure(v).shape == p.split()[1] for p, v in samples.items()]
-    assert sum(hits) >= 0.7 * len(hits), hits
+def _accuracy(samples: dict, attribute: str) -> float:
+    names = {"shape": data.SHAPES, "direction": data.DIRECTION_NAMES}[attribute]
+    hits = [
+        getattr(data.measure(video), attribute) == names[getattr(data.parse_prompt(prompt), attribute)]
+        for (prompt, _), video in samples.items()
+    ]
+    return sum(hits) / len(hits)
 
 
-def test_static_prompts_move_less_than_moving_ones(samples: dict[str, torch.Tensor]) -> None:
-    static = [frame_motion(v) for p, v in samples.items() if p.endswith("static")]
-    moving = [frame_motion(v) for p, v in samples.items() if not p.endswith("static")]
-    assert max(static) < 0.01 and min(moving) > 3 * max(static), (static, moving)
+def test_motion_direction_follows_prompt(samples: dict) -> None:
+    # Shipped weights: 16/20 here, 99/120 over all 60 attribute combinations x 2 seeds; chance 1/5.
+    assert _accuracy(samples, "direction") >= 0.7
+
+
+def test_shape_follows_prompt(samples: dict) -> None:
+    # Shipped weights: 15/20 here, 83/120 over all combinations x 2 seeds; chance 1/3.
+    assert _accuracy(samples, "shape") >= 0.6
+
+
+def test_static_prompts_move_less_than_moving_ones(samples: dict) -> None:
+    def median(values: list[float]) -> float:
+        return float(torch.tensor(values).median())
+
+    groups: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    for (prompt, _), video in samples.items():
+        groups[prompt.endswith("static")].append(video)
+    travel = {k: median([math.hypot(*data.measure(v).displacement) for v in g]) for k, g in groups.items()}
+    change = {k: median([frame_motion(v) for v in g]) for k, g in groups.items()}
+    assert travel[True] < 1.5 and travel[False] > 4.0, travel
+    assert change[False] > 1.5 * change[True], change
 
 
 # --- the generation loop contract -------------------------------------------------------------
