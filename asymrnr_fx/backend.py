@@ -178,7 +178,7 @@ class _SymmetricSegment(_Segment):
         n_keep, _ = site_lengths(self.rt, self.site, self.n_dst)
         self.rt.record(self.site, n_keep, n_keep)
         if n_keep == self.site.layout.n_visual:
-            return self._finish(self._compiled(args, None, lambda: self.gm, [])(*args))
+            return super().__call__(*args)  # this step leaves the site dense
         extra = self._plan_inputs(args, n_keep)
         fn = self._compiled(args, ("h", n_keep), lambda: self._variant_gm(n_keep), extra)
         return self._finish(fn(*args, *extra))
