@@ -29,7 +29,7 @@ from .passes import reduce_attention as ra
 from .passes import segment, sites
 from .passes import symmetric as sym
 from .runtime import AsymRnRRuntime, register_runtime, runtime_for_anchor
-from .tokens import reduced_length, window_split
+from .tokens import reduced_length
 
 CompiledFn = Callable[..., Any]
 
@@ -98,6 +98,10 @@ class _Segment:
             fn = self.rt.compiled[key] = inner_compile(build(), [*args, *extra], self.cfg, self.rt)
         return fn
 
+    def _copy(self) -> fx.GraphModule:
+        """A private copy of the segment for one variant's rewrite."""
+        return fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+
     def _finish(self, out: Any) -> Any:
         return out[0] if self.single else tuple(out)
 
@@ -115,14 +119,14 @@ class _SiteSegment(_Segment):
         args = sites.sdpa_arguments(node)
         placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
         self.pos = {f: placeholders.index(args[name].name) for f, name in (("q", "query"), ("v", "value"))}
-        self.n_dst = window_split(grid, cfg.dst_stride, fixed=True)[0].numel()
+        self.n_dst = tokens.count_windows(grid, cfg.dst_stride)
 
     def lengths(self) -> tuple[int, int]:
         """Visual tokens kept for queries and for keys/values at the runtime's current step."""
         return site_lengths(self.rt, self.site, self.n_dst)
 
     def _variant_gm(self, variant: ra.Variant) -> fx.GraphModule:
-        gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        gm = self._copy()
         return ra.rewrite_site(gm, self.site.node_name, variant, self.rt.rewrites)
 
     def _plan_inputs(self, args: Sequence[Any], variant: ra.Variant, nq: int, nkv: int) -> list[torch.Tensor]:
@@ -153,12 +157,12 @@ class _SymmetricSegment(_Segment):
         self.site, self.points, self.grid = site, points, grid
         placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
         self.x_pos = placeholders.index(points.x)
-        self.n_dst = window_split(grid, cfg.dst_stride, fixed=True)[0].numel()
+        self.n_dst = tokens.count_windows(grid, cfg.dst_stride)
         lay = site.layout
         self.x_layout = lay if points.x_full else tokens.Layout(0, lay.n_visual, True)
 
     def _variant_gm(self, n_keep: int) -> fx.GraphModule:
-        gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        gm = self._copy()
         lay, mean = self.site.layout, self.cfg.reduce_mode == "mean"
         changed = sym.rewrite_symmetric(gm, self.points, lay, (lay.n_text + n_keep, n_keep), mean)
         self.rt.rewrites["sites_rewritten"] += 1

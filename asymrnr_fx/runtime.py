@@ -134,7 +134,7 @@ class AsymRnRRuntime:
         saved, self.step = self.step, step
         try:
             return {
-                s.path: site_lengths(self, s, _n_dst(s, self.info.grid, self.config.dst_stride))
+                s.path: site_lengths(self, s, tokens.count_windows(self.info.grid, self.config.dst_stride))
                 if s.path in self.active_sites
                 else (s.layout.n_visual, s.layout.n_visual)
                 for s in self.info.sites
@@ -178,10 +178,6 @@ class AsymRnRRuntime:
                 cached.plans[key] = tokens.make_plan(cached.matching, n_keep, layout, self.config.reduce_mode)
             self.stats["plans"] += 1
         return cached.plans[key]
-
-
-def _n_dst(site: Any, grid: tokens.Grid, stride: tokens.Grid) -> int:
-    return tokens.window_split(grid, stride, fixed=True)[0].numel()
 
 
 # id(parameter) -> (weak reference to it, runtime). Keyed by id: tensors compare elementwise, so

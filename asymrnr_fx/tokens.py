@@ -37,6 +37,14 @@ def _window_starts(grid: Grid, stride: Grid) -> tuple[torch.Tensor, torch.Tensor
     return starts, extent
 
 
+def count_windows(grid: Grid, stride: Grid) -> int:
+    """Number of stride windows of `grid`, i.e. of destination tokens (Nd)."""
+    count = 1
+    for size, step in zip(grid, stride):
+        count *= -(-size // step)
+    return count
+
+
 def window_split(
     grid: Grid, stride: Grid, *, generator: torch.Generator | None = None, fixed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,7 +70,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     shape = (1, args.heads, args.tokens, args.head_dim)
     q, k, v = (torch.randn(shape, device=device, generator=g) for _ in range(3))
     grid, stride = grid_for(args.tokens), (2, 2, 2)
-    n_dst = tokens.window_split(grid, stride, fixed=True)[0].numel()
+    n_dst = tokens.count_windows(grid, stride)
     dense = torch.compile(torch.nn.functional.scaled_dot_product_attention)
     reduced = torch.compile(reduced_attention)
     t_dense, s_dense = timed(lambda: dense(q, k, v), args.reps)
@@ -99,7 +99,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 def match_peak_bytes(args: argparse.Namespace, max_elements: int = 1 << 20) -> int:
     """Peak extra bytes of one distance chunk (float32), the matching's memory bound."""
-    n_dst = tokens.window_split(grid_for(args.tokens), (2, 2, 2), fixed=True)[0].numel()
+    n_dst = tokens.count_windows(grid_for(args.tokens), (2, 2, 2))
     per_src = args.heads * n_dst
     chunk = max(1, max_elements // per_src)
     return 4 * per_src * min(chunk, args.tokens - n_dst)

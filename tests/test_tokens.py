@@ -16,6 +16,7 @@ def test_split_one_destination_per_window(grid, stride):
     windows = coords // torch.tensor(stride)
     n_windows = [-(-g // s) for g, s in zip(grid, stride)]
     assert len({tuple(x) for x in windows.tolist()}) == len(dst) == n_windows[0] * n_windows[1] * n_windows[2]
+    assert tokens.count_windows(grid, stride) == len(dst)
     assert sorted(torch.cat([dst, src]).tolist()) == list(range(f * h * w))
     assert src.tolist() == sorted(src.tolist())
 
