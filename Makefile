@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test bench bench-quick bench-site clean
+.PHONY: demo test fixture bench bench-quick bench-site clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# retrains the shipped fixture weights (58 minutes on 2 CPU cores; overwrites models/fixture/weights)
+fixture: $(STAMP)
+	$(PY) -m asymrnr_fx.models.fixture.train --out models/fixture/weights --minutes 58 --seed 0 \
+		--threads 2 --lr 8e-4 --warmup 200 --sigma-mean 0.5
 
 # peers for `python -m bench`; para-attn 0.3.38 names a git URL in its dev extra, which pip >= 26.3
 # refuses even with --no-deps, so an older pip (kept inside .venv) installs it
