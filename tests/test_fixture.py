@@ -124,11 +124,7 @@ def test_sample_is_a_clip_of_the_prompted_colour(samples: dict, prompt: str) -> 
 
 
 def _accuracy(samples: dict, attribute: str) -> float:
-    names = {"shape": data.SHAPES, "direction": data.DIRECTION_NAMES}[attribute]
-    hits = [
-        getattr(data.measure(video), attribute) == names[getattr(data.parse_prompt(prompt), attribute)]
-        for (prompt, _), video in samples.items()
-    ]
+    hits = [evaluate.judge(prompt, video)[attribute] for (prompt, _), video in samples.items()]
     return sum(hits) / len(hits)
 
 
