@@ -131,10 +131,11 @@ class AsymRnRRuntime:
 
         if self.info is None:
             raise LookupError("the runtime is not bound to a model yet: call the compiled model once.")
+        n_dst = tokens.count_windows(self.info.grid, self.config.dst_stride)
         saved, self.step = self.step, step
         try:
             return {
-                s.path: site_lengths(self, s, tokens.count_windows(self.info.grid, self.config.dst_stride))
+                s.path: site_lengths(self, s, n_dst)
                 if s.path in self.active_sites
                 else (s.layout.n_visual, s.layout.n_visual)
                 for s in self.info.sites
