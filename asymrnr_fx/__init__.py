@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from . import pipeline_hook
+from .cache import BlockCache, SkipCache
 from .config import AsymRnRConfig, ConfigError
 from .runtime import AsymRnRRuntime, runtime_of
 from .schedule import Schedule, ScheduleError
@@ -14,9 +16,11 @@ from .schedule import Schedule, ScheduleError
 __all__ = [
     "AsymRnRConfig",
     "AsymRnRRuntime",
+    "BlockCache",
     "ConfigError",
     "Schedule",
     "ScheduleError",
+    "SkipCache",
     "compile",
     "runtime_of",
 ]
@@ -25,10 +29,12 @@ __all__ = [
 def compile(model: torch.nn.Module, config: AsymRnRConfig | None = None, **compile_kwargs: Any) -> torch.nn.Module:
     """`torch.compile(model, backend="asymrnr")` with a validated config and static shapes.
 
-    The returned module has `.asymrnr` (its runtime: reset(), set_step(), stats, ...).
+    The returned module has `.asymrnr` (its runtime: reset(), set_step(), stats, ...). A diffusers
+    model also gets a hook through which the pipeline's `cache_context(...)` reaches the runtime.
     """
     config = config or AsymRnRConfig()
     runtime = AsymRnRRuntime(config)
+    pipeline_hook.attach(model, runtime)
     compile_kwargs.setdefault("dynamic", False)
     compiled = torch.compile(model, backend="asymrnr", options={"config": config, "runtime": runtime}, **compile_kwargs)
     compiled.asymrnr = runtime

@@ -22,14 +22,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import tokens
+from . import span, tokens
 from .config import AsymRnRConfig
 from .models.adapter import UnsupportedModelError, adapter_for_classes
+from .passes import blocks, segment, sites
 from .passes import reduce_attention as ra
-from .passes import segment, sites
 from .passes import symmetric as sym
 from .runtime import AsymRnRRuntime, register_runtime, runtime_for_anchor
-from .tokens import reduced_length
 
 CompiledFn = Callable[..., Any]
 
@@ -79,10 +78,11 @@ def _layout(x: torch.Tensor) -> tuple[int, ...]:
 
 
 class _Segment:
-    """One segment of the cut graph: compiles on first use, keyed by activation strides."""
+    """One segment of the cut graph: compiles on first use, keyed by activation strides and the
+    variant its reducer (if any) asks for at this step."""
 
-    def __init__(self, gm: fx.GraphModule, cfg: AsymRnRConfig, rt: AsymRnRRuntime, activations: list[int]):
-        self.gm, self.cfg, self.rt = gm, cfg, rt
+    def __init__(self, gm: fx.GraphModule, cfg: AsymRnRConfig, rt: AsymRnRRuntime, activations: list[int], reducer=None):
+        self.gm, self.cfg, self.rt, self.reducer = gm, cfg, rt, reducer
         self.single = _ensure_tuple_output(gm)
         self.structure = segment.structure_key(gm.graph)
         self.activations = activations
@@ -102,69 +102,75 @@ class _Segment:
         """A private copy of the segment for one variant's rewrite."""
         return fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
 
-    def _finish(self, out: Any) -> Any:
+    def __call__(self, *args: Any) -> Any:
+        chosen = self.reducer.variant(args) if self.reducer is not None else None
+        if chosen is None:  # dense at this step
+            out = self._compiled(args, None, lambda: self.gm, [])(*args)
+        else:
+            key, extra = chosen
+            out = self._compiled(args, key, lambda: self.reducer.rewrite(self._copy(), key), extra)(*args, *extra)
         return out[0] if self.single else tuple(out)
 
-    def __call__(self, *args: Any) -> Any:
-        return self._finish(self._compiled(args, None, lambda: self.gm, [])(*args))
+
+def _placeholder_index(gm: fx.GraphModule, name: str) -> int:
+    return [n.name for n in gm.graph.find_nodes(op="placeholder")].index(name)
 
 
-class _SiteSegment(_Segment):
-    """A segment that starts with a reducible attention call."""
+class AsymmetricReducer:
+    """A segment that starts with a reducible attention call: queries and keys/values reduced
+    by their own lengths, matched on Q and on V."""
 
-    def __init__(self, gm, cfg, rt, activations, site: sites.Site, grid):
-        super().__init__(gm, cfg, rt, activations)
-        self.site, self.grid = site, grid
-        node = next(n for n in gm.graph.nodes if n.name == site.node_name)
-        args = sites.sdpa_arguments(node)
-        placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-        self.pos = {f: placeholders.index(args[name].name) for f, name in (("q", "query"), ("v", "value"))}
-        self.n_dst = tokens.count_windows(grid, cfg.dst_stride)
+    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, grid: tokens.Grid):
+        self.rt, self.site, self.grid = rt, site, grid
+        args = sites.sdpa_arguments(next(n for n in gm.graph.nodes if n.name == site.node_name))
+        self.pos = {f: _placeholder_index(gm, args[name].name) for f, name in (("q", "query"), ("v", "value"))}
+        self.n_dst = tokens.count_windows(grid, rt.config.dst_stride)
+        self.mean = rt.config.reduce_mode == "mean"
 
-    def lengths(self) -> tuple[int, int]:
-        """Visual tokens kept for queries and for keys/values at the runtime's current step."""
-        return site_lengths(self.rt, self.site, self.n_dst)
+    def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
+        """(compile key, plan inputs) for this step, or None when the site stays dense."""
+        nq, nkv = self.rt.site_lengths(self.site, self.n_dst)
+        self.rt.record(self.site, nq, nkv)
+        nv = self.site.layout.n_visual
+        v = ra.Variant(nq < nv, nkv < nv, self.mean)
+        return None if v.dense else ((v, nq, nkv), self._plan_inputs(args, v, nq, nkv))
 
-    def _variant_gm(self, variant: ra.Variant) -> fx.GraphModule:
-        gm = self._copy()
-        return ra.rewrite_site(gm, self.site.node_name, variant, self.rt.rewrites)
+    def rewrite(self, gm: fx.GraphModule, key: Any) -> fx.GraphModule:
+        return ra.rewrite_site(gm, self.site.node_name, key[0], self.rt.rewrites)
 
-    def _plan_inputs(self, args: Sequence[Any], variant: ra.Variant, nq: int, nkv: int) -> list[torch.Tensor]:
+    def _plan_inputs(self, args: Sequence[Any], v: ra.Variant, nq: int, nkv: int) -> list[torch.Tensor]:
         """Cached plans for this step: queries matched on Q, keys and values together on V."""
         plans = {}
-        for side, feature, n_keep, on in (("q", "q", nq, variant.reduce_q), ("kv", "v", nkv, variant.reduce_kv)):
+        for side, feature, n_keep, on in (("q", "q", nq, v.reduce_q), ("kv", "v", nkv, v.reduce_kv)):
             if on:
                 x = args[self.pos[feature]]
-                cached = self.rt.matching(self.site.index, feature, lambda x=x: x, self.site.layout, self.grid)
+                cached = self.rt.matching(self.site, feature, lambda x=x: x, self.site.layout, self.grid)
                 plans[side] = self.rt.plan(cached, n_keep, self.site.layout)
-        return ra.plan_inputs(variant, plans)
-
-    def __call__(self, *args: Any) -> Any:
-        nq, nkv = self.lengths()
-        nv = self.site.layout.n_visual
-        self.rt.record(self.site, nq, nkv)
-        variant = ra.Variant(nq < nv, nkv < nv, self.cfg.reduce_mode == "mean")
-        extra = [] if variant.dense else self._plan_inputs(args, variant, nq, nkv)
-        fn = self._compiled(args, (variant, nq, nkv), lambda: self._variant_gm(variant), extra)
-        return self._finish(fn(*args, *extra))
+        return ra.plan_inputs(v, plans)
 
 
-class _SymmetricSegment(_Segment):
-    """A segment that starts at a site's Q/K/V projections (symmetric mode)."""
+class SymmetricReducer:
+    """A segment that starts at a site's Q/K/V projections (symmetric mode): the hidden state is
+    reduced before them, one matching on the batch mean."""
 
-    def __init__(self, gm, cfg, rt, activations, site: sites.Site, points: sym.SymmetricPoints, grid):
-        super().__init__(gm, cfg, rt, activations)
-        self.site, self.points, self.grid = site, points, grid
-        placeholders = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-        self.x_pos = placeholders.index(points.x)
-        self.n_dst = tokens.count_windows(grid, cfg.dst_stride)
+    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, points, grid: tokens.Grid):
+        self.rt, self.site, self.points, self.grid = rt, site, points, grid
+        self.x_pos = _placeholder_index(gm, points.x)
+        self.n_dst = tokens.count_windows(grid, rt.config.dst_stride)
         lay = site.layout
         self.x_layout = lay if points.x_full else tokens.Layout(0, lay.n_visual, True)
+        self.mean = rt.config.reduce_mode == "mean"
 
-    def _variant_gm(self, n_keep: int) -> fx.GraphModule:
-        gm = self._copy()
-        lay, mean = self.site.layout, self.cfg.reduce_mode == "mean"
-        changed = sym.rewrite_symmetric(gm, self.points, lay, (lay.n_text + n_keep, n_keep), mean)
+    def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
+        n_keep, _ = self.rt.site_lengths(self.site, self.n_dst)
+        self.rt.record(self.site, n_keep, n_keep)
+        if n_keep == self.site.layout.n_visual:
+            return None
+        return ("h", n_keep), self._plan_inputs(args, n_keep)
+
+    def rewrite(self, gm: fx.GraphModule, key: Any) -> fx.GraphModule:
+        lay, n_keep = self.site.layout, key[1]
+        changed = sym.rewrite_symmetric(gm, self.points, lay, (lay.n_text + n_keep, n_keep), self.mean)
         self.rt.rewrites["sites_rewritten"] += 1
         self.rt.rewrites["nodes_inserted"] += changed
         return gm
@@ -173,39 +179,23 @@ class _SymmetricSegment(_Segment):
         def batch_mean() -> torch.Tensor:  # (1, 1, N, C): one matching for the whole batch
             return args[self.x_pos].mean(0, keepdim=True).unsqueeze(1)
 
-        cached = self.rt.matching(self.site.index, "h", batch_mean, self.x_layout, self.grid)
+        cached = self.rt.matching(self.site, "h", batch_mean, self.x_layout, self.grid)
         full = self.rt.plan(cached, n_keep, self.site.layout)
         vis = self.rt.plan(cached, n_keep, tokens.Layout(0, self.site.layout.n_visual, True))
-        return sym.plan_inputs(full, vis, self.points, self.cfg.reduce_mode == "mean")
-
-    def __call__(self, *args: Any) -> Any:
-        n_keep, _ = site_lengths(self.rt, self.site, self.n_dst)
-        self.rt.record(self.site, n_keep, n_keep)
-        if n_keep == self.site.layout.n_visual:
-            return super().__call__(*args)  # this step leaves the site dense
-        extra = self._plan_inputs(args, n_keep)
-        fn = self._compiled(args, ("h", n_keep), lambda: self._variant_gm(n_keep), extra)
-        return self._finish(fn(*args, *extra))
-
-
-def site_lengths(rt: AsymRnRRuntime, site: sites.Site, n_dst: int) -> tuple[int, int]:
-    q, kv, h = rt.ratios(site.block)
-    nv = site.layout.n_visual
-    if h > 0:
-        n = reduced_length(nv, n_dst, h)
-        return n, n
-    return (reduced_length(nv, n_dst, q) if q > 0 else nv), (reduced_length(nv, n_dst, kv) if kv > 0 else nv)
+        return sym.plan_inputs(full, vis, self.points, self.mean)
 
 
 class AsymRnRCompiled:
-    """What the backend returns to Dynamo: reads the timestep, then runs the segments."""
+    """What the backend returns to Dynamo: places the call (step, context), then runs the segments."""
 
-    def __init__(self, top: fx.GraphModule, rt: AsymRnRRuntime, timestep_index: int):
-        self.top, self.rt, self.timestep_index = top, rt, timestep_index
+    def __init__(self, top: fx.GraphModule, rt: AsymRnRRuntime, info: sites.ModelInfo):
+        self.top, self.rt = top, rt
+        self.timestep_index, self.latent_index = info.timestep_index, info.latent_index
 
     def __call__(self, *args: Any) -> Any:
+        latent = args[self.latent_index]
         with self.rt.lock:
-            self.rt.begin_call(args[self.timestep_index])
+            self.rt.begin_call(args[self.timestep_index], (tuple(latent.shape), latent.dtype, latent.device))
             return self.top(*args)
 
 
@@ -229,29 +219,56 @@ def _symmetric_points(gm: fx.GraphModule, info: sites.ModelInfo, rt: AsymRnRRunt
     return points
 
 
-def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime):
+def _reduction_cuts(gm: fx.GraphModule, info: sites.ModelInfo, rt: AsymRnRRuntime) -> dict[str, Any]:
+    """Cut node -> the reducer of the segment it starts (none when nothing is reduced)."""
+    if rt.schedule.all_zero:
+        return {}
     symmetric = rt.schedule.symmetric
     points = _symmetric_points(gm, info, rt) if symmetric else {}
     reducible = [s for s in info.sites if s.reducible and (not symmetric or s.index in points)]
-    cuts = [points[s.index].cut if symmetric else s.node_name for s in reducible]
     rt.active_sites = {s.path for s in reducible}
     rt.symmetric_points = {s.path: points[s.index] for s in reducible if symmetric}
-    top, names = segment.split_at_sites(gm, cuts)
+    if symmetric:
+        return {points[s.index].cut: (s, points[s.index]) for s in reducible}
+    return {s.node_name: (s, None) for s in reducible}
+
+
+def _reducer(sub: fx.GraphModule, rt: AsymRnRRuntime, found: Any, grid: tokens.Grid):
+    site, points = found
+    return AsymmetricReducer(sub, rt, site, grid) if points is None else SymmetricReducer(sub, rt, site, points, grid)
+
+
+def _block_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -> dict[str, int]:
+    """Cut node -> block it starts (num_blocks: the epilogue), when the block cache is on."""
+    if cfg.cache is None:
+        return {}
+    bounds = blocks.find_bounds(gm.graph, info.adapter, info.block_offsets, info.num_blocks)
+    cuts = {name: i for i, name in enumerate(bounds.starts)}
+    if bounds.epilogue is not None:
+        cuts[bounds.epilogue] = info.num_blocks
+    return cuts
+
+
+def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> fx.GraphModule:
+    """Cut at reducible attention calls (and block boundaries for the cache); each piece becomes
+    a lazily compiled `_Segment`; with the cache on, the pieces are grouped around its span."""
+    reducers, block_starts = _reduction_cuts(gm, info, rt), _block_cuts(gm, info, cfg)
+    top, names, firsts = segment.split_at(gm, [*reducers, *block_starts])
+    block, part_blocks = -1, {}  # -1: the prologue
     for k, name in enumerate(names):
-        sub = getattr(top, name)
-        acts = _activation_positions(top, name)
-        if k == 0:
-            seg = _Segment(sub, cfg, rt, acts)
-        elif symmetric:
-            site = reducible[k - 1]
-            seg = _SymmetricSegment(sub, cfg, rt, acts, site, points[site.index], info.grid)
-        else:
-            seg = _SiteSegment(sub, cfg, rt, acts, reducible[k - 1], info.grid)
+        sub, found = getattr(top, name), reducers.get(firsts[name])
+        block = block_starts.get(firsts[name], found[0].block if found is not None else block)
+        part_blocks[name] = block
+        reducer = _reducer(sub, rt, found, info.grid) if found is not None else None
+        seg = _Segment(sub, cfg, rt, _activation_positions(top, name), reducer)
         if k < len(names) - 1:
             _contiguous_outputs(sub)
         delattr(top, name)
         setattr(top, name, seg)
-    return top
+    rt.stats["segments"] = len(names)
+    if cfg.cache is None:
+        return top
+    return span.wrap(top, part_blocks, cfg.cache, info.num_blocks, rt)
 
 
 def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
@@ -276,6 +293,25 @@ def _runtime(cfg: AsymRnRConfig, options: dict, example_inputs: Sequence[Any]) -
     return rt
 
 
+_DYNAMIC = (
+    "asymrnr: Dynamo recompiled this model with dynamic shapes (a shape changed and `dynamic` was "
+    "not False), and asymrnr runs a dynamic graph unreduced and uncached: the speedup is lost. "
+    "Compile with asymrnr_fx.compile(model, config) or torch.compile(..., dynamic=False)."
+)
+
+
+class _Unreduced:
+    """A graph that runs without asymrnr: warns at each call (Python shows it once per place)."""
+
+    def __init__(self, fn: CompiledFn, rt: AsymRnRRuntime, why: str) -> None:
+        self.fn, self.rt, self.why = fn, rt, why
+
+    def __call__(self, *args: Any) -> Any:
+        self.rt.stats["unreduced_calls"] += 1
+        warnings.warn(self.why, UserWarning, stacklevel=2)
+        return self.fn(*args)
+
+
 def _dense(gm, example_inputs, cfg, rt, why: str) -> CompiledFn:
     if why:
         warnings.warn(f"asymrnr: running this graph unreduced: {why}", stacklevel=3)
@@ -298,11 +334,11 @@ def asymrnr_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict |
             raise
         return _dense(gm, example_inputs, cfg, rt, str(err))
     if _has_symbolic_shapes(gm):
-        return _dense(gm, example_inputs, cfg, rt, "dynamic shapes; compile with dynamic=False")
+        return _Unreduced(_dense(gm, example_inputs, cfg, rt, ""), rt, _DYNAMIC)
     rt.bind(info)
-    if not any(s.reducible for s in info.sites):
+    if cfg.cache is None and not any(s.reducible for s in info.sites):
         return _dense(gm, example_inputs, cfg, rt, "no reducible self-attention found")
-    return AsymRnRCompiled(build_segments(gm, info, cfg, rt), rt, info.timestep_index)
+    return AsymRnRCompiled(build_segments(gm, info, cfg, rt), rt, info)
 
 
 __all__ = ["AsymRnRCompiled", "asymrnr_backend"]

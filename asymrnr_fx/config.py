@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch._dynamo.exc import ShortenTraceback
+
+from .cache import BlockCache, SkipCache, cache_from_options, check_cache
+from .errors import ConfigError
 from .schedule import Schedule
 
 DISTANCES = ("euclidean", "cosine")
@@ -14,10 +19,37 @@ REDUCE_MODES = ("replace", "mean")
 SPLITS = ("random", "fixed")
 COMPILERS = ("inductor", "aot_eager", "eager")
 ON_UNSUPPORTED = ("error", "warn")
+_AUTO_STEP_FIX = (
+    "Use auto_step=False to set steps with runtime.set_step() or callback_on_step_end, "
+    "or auto_step=True to count them from the timestep input."
+)
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+class BackendConfigError(ConfigError, ShortenTraceback):
+    """A ConfigError in torch.compile `options=`, raised from inside the backend.
+
+    Dynamo wraps what a backend raises in BackendCompilerFailed ("backend='asymrnr' raised:\n...")
+    but re-raises ShortenTraceback subclasses as they are: the user reads the config error first,
+    and `except ConfigError` still catches it.
+    """
+
+    def __init__(self, message: str) -> None:
+        ShortenTraceback.__init__(self, message, first_useful_frame=None)  # None: keep every frame
+
+
+def _check_int(name: str, value: Any, example: int, minimum: int | None = None) -> None:
+    """An int (a bool is one in Python, but never meant as a count or a seed), >= minimum if given."""
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not is_int or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ConfigError(f"{name} must be an int{bound}, got {value!r}. Use e.g. {name}={example}.")
+
+
+def _check_bool(name: str, value: Any, fix: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}. {fix}")
 
 
 def _check_ratio(name: str, value: Any) -> None:
@@ -68,8 +100,10 @@ class AsymRnRConfig:
     inductor_options: dict[str, Any] = field(default_factory=dict)
     on_unsupported: str = "error"
     auto_step: bool = True
+    cache: BlockCache | SkipCache | None = None  # feature caching across steps (asymrnr_fx.cache)
 
     def __post_init__(self) -> None:
+        check_cache(self.cache)
         for name in ("q_ratio", "kv_ratio", "h_ratio"):
             _check_ratio(name, getattr(self, name))
         if self.h_ratio > 0 and (self.q_ratio > 0 or self.kv_ratio > 0):
@@ -79,23 +113,21 @@ class AsymRnRConfig:
             )
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise ConfigError(f"schedule must be an asymrnr_fx.Schedule, got {type(self.schedule).__name__}.")
-        if isinstance(self.matching_every, bool) or not isinstance(self.matching_every, int) or self.matching_every < 1:
-            raise ConfigError(f"matching_every must be an int >= 1, got {self.matching_every!r}.")
+        _check_int("matching_every", self.matching_every, 5, minimum=1)
+        _check_int("max_match_elements", self.max_match_elements, 1 << 20, minimum=1)
+        _check_int("seed", self.seed, 0)
+        _check_bool("auto_step", self.auto_step, _AUTO_STEP_FIX)
         object.__setattr__(self, "dst_stride", _check_stride(self.dst_stride))
         _check_choice("split", self.split, SPLITS)
         _check_choice("distance", self.distance, DISTANCES)
         _check_choice("reduce_mode", self.reduce_mode, REDUCE_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("on_unsupported", self.on_unsupported, ON_UNSUPPORTED)
-        if self.max_match_elements < 1:
-            raise ConfigError(f"max_match_elements must be >= 1, got {self.max_match_elements!r}.")
 
     @property
     def enabled(self) -> bool:
-        """False when nothing can ever be reduced: the backend then leaves the graph untouched."""
-        if self.schedule is not None:
-            return not self.schedule.all_zero
-        return self.q_ratio > 0 or self.kv_ratio > 0 or self.h_ratio > 0
+        """False when nothing can ever be reduced or cached: the backend then leaves the graph untouched."""
+        return self.cache is not None or not self.effective_schedule().all_zero
 
     def effective_schedule(self) -> Schedule:
         if self.schedule is not None:
@@ -104,17 +136,35 @@ class AsymRnRConfig:
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None, mode: str | None = None) -> AsymRnRConfig:
-        """Build from torch.compile `options=`: either {"config": cfg} or the fields as keys."""
+        """Build from torch.compile `options=`: either {"config": cfg} or the fields as keys.
+
+        Raises BackendConfigError, which Dynamo passes to the torch.compile user unwrapped.
+        """
+        try:
+            return cls._from_options(options, mode)
+        except ConfigError as err:
+            raise BackendConfigError(str(err)).with_traceback(err.__traceback__) from None
+
+    @classmethod
+    def _from_options(cls, options: dict[str, Any] | None, mode: str | None) -> AsymRnRConfig:
         opts = dict(options or {})
         opts.pop("runtime", None)
         if "config" in opts:
             cfg = opts.pop("config")
             if not isinstance(cfg, cls):
-                raise ConfigError(f"options['config'] must be an AsymRnRConfig, got {type(cfg).__name__}.")
+                raise ConfigError(
+                    f"options['config'] must be an AsymRnRConfig, got {type(cfg).__name__}. "
+                    "Use options={'config': AsymRnRConfig(...)}, or the config's fields as keys."
+                )
             if opts:
-                raise ConfigError(f"options['config'] cannot be combined with other keys, got {sorted(opts)}.")
+                raise ConfigError(
+                    f"options['config'] cannot be combined with other keys, got {sorted(opts)}. "
+                    "Set them on the config instead: dataclasses.replace(config, field=value)."
+                )
             return dataclasses.replace(cfg, mode=mode) if mode else cfg
+        cache = cache_from_options(opts)
         _reject_unknown(opts)
+        opts["cache"] = cache
         if mode is not None:
             opts["mode"] = mode
         if "dst_stride" in opts and isinstance(opts["dst_stride"], list):

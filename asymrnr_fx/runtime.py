@@ -1,14 +1,22 @@
-"""Step state of one compiled model: step index, call context, cached matchings and plans.
+"""Step state of one compiled model: generation, step, call context, cached matchings and the
+block cache's state.
 
 Everything here is invisible to Dynamo's guards (the runner reads it at call time), so a
 schedule that changes ratios every step causes no recompiles. One runtime per compiled model,
 shared by all of its Dynamo graphs.
 
-Step tracking: with `auto_step`, each call reads the timestep input. A higher timestep than the
-last call's starts a new generation (step 0); a lower one is the next step; an equal one is
-another call of the same step (classifier-free guidance as two calls), which gets its own
-context and so its own matchings. Explicitly: `set_step`, `callback_on_step_end` (diffusers
-pipelines), `context(name)` and `reset()`.
+Where a call stands, from the strongest signal to the weakest:
+1. The diffusers pipeline's `transformer.cache_context(name, step_index=...)` (received by a
+   stateful hook that `asymrnr_fx.compile` registers): `name` is the call's context; a
+   `step_index` is the step, and one not above the context's last starts a new generation.
+2. `callback_on_step_end` / `set_step(i)`: the next call is step i. A callback at the pipeline's
+   last step (`pipe.num_timesteps`) ends the generation.
+3. The timestep input: higher than the previous call's starts a new generation, lower is the
+   next step, equal is another call of the same step (classifier-free guidance as two calls).
+Also a new generation: the latent's shape, dtype or device differs from the previous call's, a
+named context calls twice at one step, or `reset()`. Calls without a name get the context of
+their position in the step (0, 1, ...). State is one generation deep and holds at most
+`MAX_CONTEXTS` contexts.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +35,8 @@ from . import tokens
 from .config import AsymRnRConfig
 from .schedule import Schedule
 
+MAX_CONTEXTS = 8  # e.g. cond, uncond, cond_uncond and a few positional ones: bounded by construction
+
 
 @dataclass
 class _Cached:
@@ -35,8 +45,42 @@ class _Cached:
     plans: dict[tuple[int, str, tokens.Layout], tokens.Plan] = field(default_factory=dict)
 
 
+@dataclass
+class ContextState:
+    """One call context's state within one generation."""
+
+    last_step: int = -1
+    matchings: dict[tuple[int, str], _Cached] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)  # block -> steps the block cache skipped it
+    cache: Any = None  # the block cache's state (asymrnr_fx.cache.SpanState)
+
+
+def _context_memory(ctx: ContextState) -> dict[str, int]:
+    cached = ctx.cache
+    tensors = [*(cached.residuals or []), cached.signal, cached.previous] if cached is not None else []
+    return {
+        "matchings": len(ctx.matchings),
+        "plans": sum(len(c.plans) for c in ctx.matchings.values()),
+        "cache_elements": sum(t.numel() for t in tensors if t is not None),
+    }
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    if timestep is None:
+        return None
+    return float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int, got {step!r} ({type(step).__name__}). Use e.g. set_step(3).")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}.")
+    return step
+
+
 class AsymRnRRuntime:
-    """Per-model state. `stats` counts matchings, plans, compilations and calls."""
+    """Per-model state. `stats` counts matchings, plans, compilations, calls and cache decisions."""
 
     def __init__(self, config: AsymRnRConfig) -> None:
         self.config = config
@@ -45,70 +89,134 @@ class AsymRnRRuntime:
         self.compile_seconds = 0.0
         self.rewrites: Counter = Counter()  # what the graph passes changed
         self.compiled: dict[tuple, Any] = {}  # (segment structure, variant, strides) -> callable
-        self.used_lengths: dict[tuple[int, Any], dict[str, tuple[int, int]]] = {}
         self.info: Any = None
         self.active_sites: set[str] = set()  # sites with a reducing segment (others stay dense)
         self.symmetric_points: dict[str, Any] = {}  # symmetric mode: each site's rewrite points
         self._reduced_sites: set[str] = set()
         self.lock = threading.RLock()  # one call at a time: step state is shared
-        self.reset()
-
-    # ---- step tracking -------------------------------------------------------------------
-    def reset(self) -> None:
-        """Start a new generation: step 0, no cached matchings, automatic tracking on."""
+        self._pipeline: Any = None  # the diffusers CacheContext of the current call, if any
+        self._context: str | None = None  # explicit `context(name)`
         self.step = 0
-        self._manual = False
+        self.timestep: float | None = None  # the current call's
+        self.num_steps: int | None = None  # the generation's length, when a pipeline or the user says it
         self._last_t: float | None = None
-        self._call_in_step = 0
-        self._context: str | None = None
-        self._cache: dict[tuple[Any, int], _Cached] = {}
+        self._signature: Any = None
+        self._new_generation()
+
+    # ---- generations ---------------------------------------------------------------------
+    def _new_generation(self) -> None:
+        self.step, self._call_in_step, self._hold, self._ended = 0, -1, False, False
+        self._last_t, self._signature = None, None
+        self._contexts: OrderedDict[Any, ContextState] = OrderedDict()
+        self.used_lengths: dict[tuple[int, Any], dict[str, tuple[int, int]]] = {}
+        self.cache_log: dict[tuple[int, Any], tuple[int, int]] = {}  # (step, context) -> (run, skipped)
+        self.stats["generations"] += 1
+
+    def reset(self) -> None:
+        """Start a new generation: step 0, no cached matchings or block caches."""
+        self._new_generation()
         self.stats["resets"] += 1
 
     def set_step(self, step: int) -> None:
-        """Use `step` for the following calls; turns automatic tracking off until reset()."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}.")
-        self._manual = True
-        self.step = step
-        self._call_in_step = -1  # the next call is the step's first
+        """The next call is step `step`; tracking then goes on from there."""
+        self.step, self._hold, self._call_in_step = _check_step(step), True, -1
 
     def callback_on_step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-        """diffusers `callback_on_step_end=` hook: the next call is step `step + 1`."""
-        self.set_step(step + 1)
+        """diffusers `callback_on_step_end=`: the next call is step `step + 1`, or, after the
+        pipeline's last step, the first of a new generation."""
+        if _check_step(step) != self.step:
+            self.stats["step_corrections"] += 1  # the calls of this step were counted as another step
+        total = getattr(pipe, "num_timesteps", None)
+        self.num_steps = total if isinstance(total, int) else self.num_steps
+        if isinstance(total, int) and step + 1 >= total:
+            self._ended = True
+        else:
+            self.set_step(step + 1)
         return callback_kwargs
 
     @contextlib.contextmanager
     def context(self, name: str) -> Iterator[None]:
-        """Calls inside use matchings of their own (e.g. "cond" / "uncond")."""
+        """Calls inside use state of their own (e.g. "cond" / "uncond")."""
+        if not isinstance(name, str):
+            raise TypeError(f"context name must be a str, got {name!r}. Use e.g. context('uncond').")
         previous, self._context = self._context, name
         try:
             yield
         finally:
             self._context = previous
 
-    def begin_call(self, timestep: torch.Tensor | float | None) -> None:
+    def set_pipeline_context(self, context: Any) -> None:
+        """Receives diffusers' `cache_context(...)` (a CacheContext, or None when it closes)."""
+        self._pipeline = context
+
+    # ---- step tracking -------------------------------------------------------------------
+    def _call_name(self) -> str | None:
+        return self._pipeline.name if self._pipeline is not None else self._context
+
+    def _locate(self, t: float | None, name: str | None) -> tuple[bool, int]:
+        """(does this call start a new generation, its step)."""
+        given = getattr(self._pipeline, "step_index", None)
+        last = self._contexts[name].last_step if name in self._contexts else -1
+        if given is not None:
+            return given <= last or self._ended, given
+        if self._ended:
+            return True, 0
+        rising = t is not None and self._last_t is not None and t > self._last_t
+        if self._hold and not rising:
+            self._hold = False
+            return False, self.step
+        if not self.config.auto_step or t is None:
+            return False, self.step
+        if self._last_t is None or rising:
+            return rising, 0
+        step = self.step + 1 if t < self._last_t else self.step
+        return name is not None and last == step, 0 if name is not None and last == step else step
+
+    def begin_call(self, timestep: Any, signature: Any = None) -> None:
+        """Place the next call: its generation, step and context."""
         self.stats["calls"] += 1
-        if self._manual or not self.config.auto_step or timestep is None:
-            self._call_in_step = self._call_in_step + 1 if self._manual else 0
-            return
-        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if self._last_t is None or t > self._last_t:
-            if self._last_t is not None:
-                self.reset()
-            self.step, self._call_in_step = 0, 0
-        elif t < self._last_t:
-            self.step, self._call_in_step = self.step + 1, 0
+        t, name = _timestep_value(timestep), self._call_name()
+        new, step = self._locate(t, name)
+        if self._signature is not None and signature != self._signature:
+            new, step = True, step if getattr(self._pipeline, "step_index", None) is not None else 0
+        if new:
+            self._new_generation()
+        self._call_in_step = self._call_in_step + 1 if step == self.step and not new else 0
+        self.step, self._last_t, self._signature, self.timestep = step, t, signature, t
+        self.num_steps = getattr(self._pipeline, "num_inference_steps", None) or self.num_steps
+        self._key = name if name is not None else self._call_in_step
+        self.state.last_step = step
+
+    @property
+    def state(self) -> ContextState:
+        """The current call context's state (created on first use; least recently used evicted)."""
+        key = self.context_key
+        if key in self._contexts:
+            self._contexts.move_to_end(key)
         else:
-            self._call_in_step += 1
-        self._last_t = t
+            self._contexts[key] = ContextState()
+            while len(self._contexts) > MAX_CONTEXTS:
+                self._contexts.popitem(last=False)
+                self.stats["contexts_evicted"] += 1
+        return self._contexts[key]
 
     @property
     def context_key(self) -> Any:
-        return self._context if self._context is not None else self._call_in_step
+        """The current call's context: its name, or its position in the step (0, 1, ...)."""
+        return getattr(self, "_key", 0)
 
-    @property
-    def window(self) -> int:
-        return self.step // self.config.matching_every
+    def window(self, block: int | None) -> int:
+        """Matching window of a block: steps on which it was computed, over `matching_every`.
+        A step on which the block cache skipped the block neither computes nor ages a matching."""
+        skipped = self.state.skipped[block] if block is not None else 0
+        return (self.step - skipped) // self.config.matching_every
+
+    def memory(self) -> dict[str, Any]:
+        """What the runtime holds now: contexts, matchings, plans and cached tensor elements, in
+        total and per context (one generation's worth by construction)."""
+        by_context = {key: _context_memory(ctx) for key, ctx in self._contexts.items()}
+        total = {k: sum(entry[k] for entry in by_context.values()) for k in ("matchings", "plans", "cache_elements")}
+        return {"contexts": len(by_context), **total, "by_context": by_context}
 
     # ---- binding and introspection ---------------------------------------------------------
     def bind(self, info: Any) -> None:
@@ -119,56 +227,60 @@ class AsymRnRRuntime:
         self.rewrites["sites_reducible"] = sum(s.reducible for s in info.sites)
 
     def record(self, site: Any, n_q: int, n_kv: int) -> None:
+        """Lengths used at `site` in this call (kept for the current generation only)."""
         self.used_lengths.setdefault((self.step, self.context_key), {})[site.path] = (n_q, n_kv)
         if min(n_q, n_kv) < site.layout.n_visual:
             self._reduced_sites.add(site.path)
             self.rewrites["sites_reduced"] = len(self._reduced_sites)
 
+    def site_lengths(self, site: Any, n_dst: int, step: int | None = None) -> tuple[int, int]:
+        """Visual tokens kept (queries, keys/values) at `site` at `step` (default: the current)."""
+        q, kv, h = self.ratios(site.block, self.step if step is None else step)
+        nv = site.layout.n_visual
+        if h > 0:
+            n = tokens.reduced_length(nv, n_dst, h)
+            return n, n
+        keep = [tokens.reduced_length(nv, n_dst, r) if r > 0 else nv for r in (q, kv)]
+        return keep[0], keep[1]
+
     def reduced_lengths(self, step: int) -> dict[str, tuple[int, int]]:
         """Visual tokens kept (queries, keys/values) at every reducible site at `step`; a site the
         current mode cannot reduce (see `active_sites`) keeps all of them."""
-        from .backend import site_lengths
-
+        _check_step(step)
         if self.info is None:
             raise LookupError("the runtime is not bound to a model yet: call the compiled model once.")
         n_dst = tokens.count_windows(self.info.grid, self.config.dst_stride)
-        saved, self.step = self.step, step
-        try:
-            return {
-                s.path: site_lengths(self, s, n_dst)
-                if s.path in self.active_sites
-                else (s.layout.n_visual, s.layout.n_visual)
-                for s in self.info.sites
-                if s.reducible
-            }
-        finally:
-            self.step = saved
+        return {
+            s.path: self.site_lengths(s, n_dst, step) if s.path in self.active_sites else (s.layout.n_visual,) * 2
+            for s in self.info.sites
+            if s.reducible
+        }
 
     # ---- ratios and plans ------------------------------------------------------------------
-    def ratios(self, block: int) -> tuple[float, float, float]:
-        s = self.schedule
-        return tuple(s.ratio(f, block, self.step) for f in ("q", "kv", "h"))
+    def ratios(self, block: int, step: int | None = None) -> tuple[float, float, float]:
+        step = self.step if step is None else step
+        return tuple(self.schedule.ratio(f, block, step) for f in ("q", "kv", "h"))
 
-    def _split(self, site: int, grid: tokens.Grid) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + site * 10_007 + self.window)
+    def _split(self, site: int, grid: tokens.Grid, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + site * 10_007 + window)
         fixed = self.config.split == "fixed"
         return tokens.window_split(grid, self.config.dst_stride, generator=gen, fixed=fixed)
 
     def matching(
-        self, site: int, feature: str, features: Callable[[], torch.Tensor], layout: tokens.Layout, grid: tokens.Grid
+        self, site: Any, feature: str, features: Callable[[], torch.Tensor], layout: tokens.Layout, grid: tokens.Grid
     ) -> _Cached:
         """The site's matching on `feature` for this window and context, computed once per window
         from `features()` (B, H, N, D), which is not called when the cached matching is reused."""
-        key = (self.context_key, site, feature)
-        cached = self._cache.get(key)
-        if cached is None or cached.window != self.window:
+        key, window, store = (site.index, feature), self.window(site.block), self.state.matchings
+        cached = store.get(key)
+        if cached is None or cached.window != window:
             with torch.no_grad():
                 vis = features().narrow(2, layout.visual_offset, layout.n_visual)
-                dst, src = self._split(site, grid)
+                dst, src = self._split(site.index, grid, window)
                 m = tokens.match_sources(
                     vis, dst, src, metric=self.config.distance, max_elements=self.config.max_match_elements
                 )
-            cached = self._cache[key] = _Cached(self.window, m)
+            cached = store[key] = _Cached(window, m)
             self.stats["matchings"] += 1
         return cached
 

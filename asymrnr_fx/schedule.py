@@ -15,25 +15,50 @@ import torch
 
 FEATURES = ("q", "kv", "h")
 _PUBLISHED_FEATURES = {"q": "q", "v": "kv", "h": "h", "k": None}
+_TIERS_FILE = "euclidean_<model>_cache<N>.safetensors"
+_THRESHOLDS_FILE = "<model>_cache<N>_<k>.yaml"
+_ENTRIES_FORM = "{tier (int): ratio in [0, 1)}"
 
 
 class ScheduleError(ValueError):
     """A schedule does not fit the model or the generation it is used for."""
 
 
+def _ratio_error(name: str, got: str) -> ScheduleError:
+    return ScheduleError(
+        f"schedule[{name!r}] must be a ratio in [0, 1) or a (num_blocks, num_steps) table of them, {got}. "
+        f"Use e.g. Schedule({name}=0.5) or Schedule({name}=torch.full((num_blocks, num_steps), 0.5))."
+    )
+
+
 def _as_table(name: str, value: float | torch.Tensor) -> float | torch.Tensor:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        table = float(value)
-        bad = not 0.0 <= table < 1.0
-    else:
+        if not 0.0 <= value < 1.0:
+            raise _ratio_error(name, f"got {value!r}")
+        return float(value)
+    try:
         table = torch.as_tensor(value, dtype=torch.float64)
-        bad = table.dim() != 2 or bool(((table < 0) | (table >= 1)).any())
-    if bad:
-        raise ScheduleError(
-            f"schedule[{name!r}] must be a ratio in [0, 1) or a (num_blocks, num_steps) table of them, "
-            f"got {value if isinstance(value, float) else getattr(table, 'shape', value)}."
-        )
+    except (TypeError, ValueError, RuntimeError):
+        raise _ratio_error(name, f"got {value!r}") from None
+    if table.dim() != 2:
+        raise _ratio_error(name, f"got {value!r}" if table.dim() == 0 else f"got shape {tuple(table.shape)}")
+    _check_entries(name, table)
     return table
+
+
+def _check_entries(name: str, table: torch.Tensor) -> None:
+    """Every entry a ratio in [0, 1); NaN named apart, as no comparison catches it."""
+    nan = table.isnan()
+    if nan.any():
+        count, (block, step) = int(nan.sum()), nan.nonzero()[0].tolist()
+        raise ScheduleError(
+            f"schedule[{name!r}] has {count} NaN {'entry' if count == 1 else 'entries'}, the first at "
+            f"(block={block}, step={step}). Replace NaN with 0.0 (no reduction) or a ratio in [0, 1)."
+        )
+    outside = (table < 0) | (table >= 1)
+    if outside.any():
+        block, step = outside.nonzero()[0].tolist()
+        raise _ratio_error(name, f"got {table[block, step].item():g} at (block={block}, step={step})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,16 +128,19 @@ class Schedule:
     @classmethod
     def from_published(cls, tiers: str | Path, thresholds: str | Path) -> Schedule:
         """Load a released `euclidean_<model>_cache<N>.safetensors` + `<model>_cache<N>_<k>.yaml`."""
-        from safetensors.torch import load_file
-
-        tier = load_file(str(tiers))
-        table = _read_thresholds(Path(thresholds))
+        tiers, thresholds = Path(tiers), Path(thresholds)
+        tier = _read_tiers(tiers)
         ratios = {}
-        for feat, entries in table.items():
+        for feat, entries in _read_thresholds(thresholds).items():
             if feat not in tier:
                 raise ScheduleError(f"{thresholds} names feature {feat!r} but {tiers} has only {sorted(tier)}.")
+            if tier[feat].dim() != 2:
+                raise ScheduleError(
+                    f"{tiers}: tiers[{feat!r}] must be a (num_blocks, num_steps) table, got shape "
+                    f"{tuple(tier[feat].shape)}. Pass the released {_TIERS_FILE}."
+                )
             ratios[_PUBLISHED_FEATURES[feat]] = tiers_to_ratios(tier[feat], entries)
-        return cls(**ratios, name=f"{Path(tiers).stem}+{Path(thresholds).stem}")
+        return cls(**ratios, name=f"{tiers.stem}+{thresholds.stem}")
 
 
 def tiers_to_ratios(tiers: torch.Tensor, entries: dict[int, float]) -> torch.Tensor:
@@ -124,10 +152,59 @@ def tiers_to_ratios(tiers: torch.Tensor, entries: dict[int, float]) -> torch.Ten
     return out
 
 
-def _read_thresholds(path: Path) -> dict[str, dict[int, float]]:
+def _require_file(path: Path, kind: str, released: str) -> None:
+    if not path.is_file():
+        raise ScheduleError(f"{kind} file {path} does not exist or is not a file. Pass the released {released}.")
+
+
+def _read_tiers(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _require_file(path, "tiers", _TIERS_FILE)
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ScheduleError(
+            f"{path} is not a safetensors file of tiers ({err}). Pass the released {_TIERS_FILE}; "
+            "a torch.save / pickle file of (num_blocks, num_steps) int tiers can be converted with "
+            "safetensors.torch.save_file."
+        ) from None
+
+
+def _load_yaml(path: Path) -> object:
     import yaml
 
-    data = yaml.safe_load(path.read_text()) or {}
+    _require_file(path, "thresholds", _THRESHOLDS_FILE)
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ScheduleError(
+            f"{path} is not valid YAML ({err}). Pass the released {_THRESHOLDS_FILE}: "
+            f"feature -> {_ENTRIES_FORM}."
+        ) from None
+
+
+def _entries_error(path: Path, feat: str, what: str) -> ScheduleError:
+    return ScheduleError(
+        f"{path}: feature {feat!r} {what}. Expected {feat}: {_ENTRIES_FORM}, e.g. {feat}: {{6: 0.4, 7: 0.8}}."
+    )
+
+
+def _read_entries(path: Path, feat: str, entries: object) -> dict[int, float]:
+    """One feature's {tier_threshold: ratio}, checked entry by entry."""
+    if not isinstance(entries, dict):
+        raise _entries_error(path, feat, f"maps to {entries!r}, not to thresholds and ratios")
+    for threshold, ratio in entries.items():
+        if isinstance(threshold, bool) or not isinstance(threshold, int):
+            raise _entries_error(path, feat, f"has threshold {threshold!r}, not an int")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise _entries_error(path, feat, f"maps threshold {threshold} to {ratio!r}, not to a ratio in [0, 1)")
+    return {threshold: float(ratio) for threshold, ratio in entries.items()}
+
+
+def _read_thresholds(path: Path) -> dict[str, dict[int, float]]:
+    data = _load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ScheduleError(f"{path}: expected a mapping feature -> {{threshold: ratio}}, got {type(data).__name__}.")
     out = {}
@@ -136,5 +213,5 @@ def _read_thresholds(path: Path) -> dict[str, dict[int, float]]:
             raise ScheduleError(f"{path}: unknown feature {feat!r}; expected one of {sorted(_PUBLISHED_FEATURES)}.")
         if _PUBLISHED_FEATURES[feat] is None:
             continue  # the release loads k tiers but never applies them: K follows V
-        out[feat] = {int(t): float(r) for t, r in entries.items()}
+        out[feat] = _read_entries(path, feat, entries)
     return out

@@ -1,7 +1,8 @@
-"""Cut a Dynamo graph into segments that each begin at a reducible attention call.
+"""Cut a Dynamo graph into segments that each begin at a cut node: a reducible attention call
+(or its symmetric rewrite point) and, with the block cache on, a block's first node.
 
-Segment 0 is everything before the first reducible site; segment k >= 1 starts with site k's
-attention and runs up to the next site. Partition ids follow the graph's node order, which is
+Segment 0 is everything before the first cut; segment k >= 1 starts at cut k and runs up to the
+next one. Partition ids follow the graph's node order, which is
 topological, so every value flows from a lower or equal segment. The query, key, value and mask
 of a site are therefore always inputs of its segment: the runner can compute matchings on them
 and pass the index tensors in.
@@ -28,13 +29,32 @@ def partition_ids(graph: fx.Graph, cut_names: set[str]) -> dict[str, int]:
     return ids
 
 
-def split_at_sites(gm: fx.GraphModule, site_names: list[str]) -> tuple[fx.GraphModule, list[str]]:
-    """Top-level module calling `submod_<k>` in order, and the submodule names (k ascending)."""
+def split_at(gm: fx.GraphModule, cut_names: list[str]) -> tuple[fx.GraphModule, list[str], dict[str, str]]:
+    """Top-level module calling `submod_<k>` in order, the submodule names (k ascending), and the
+    name of each submodule's first computation node (the cut that starts it)."""
     work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    ids = partition_ids(work.graph, set(site_names))
+    ids = partition_ids(work.graph, set(cut_names))
     top = split_module(work, gm, lambda n: ids[n.name], keep_original_order=True, keep_original_node_name=True)
     names = sorted((n for n, _ in top.named_children() if n.startswith("submod_")), key=lambda s: int(s[7:]))
-    return top, names
+    firsts = {}
+    for node in work.graph.nodes:
+        if node.op not in ("placeholder", "output"):
+            firsts.setdefault(f"submod_{ids[node.name]}", node.name)
+    return top, names, firsts
+
+
+def split_groups(top: fx.GraphModule, group_of: dict[str, int]) -> tuple[fx.GraphModule, list[str]]:
+    """Group the submodule calls of a `split_at` top module: a module calling one GraphModule per
+    group (k ascending, each calling its members in order); `group_of` maps member -> group."""
+
+    def group(node: fx.Node) -> int:
+        while node.op != "call_module":  # getitem of a member's output tuple
+            node = node.args[0]
+        return group_of[node.target]
+
+    outer = split_module(top, top, group, keep_original_order=True, keep_original_node_name=True)
+    names = sorted((n for n, _ in outer.named_children() if n.startswith("submod_")), key=lambda s: int(s[7:]))
+    return outer, names
 
 
 def _describe(node: fx.Node, index: dict[str, int]) -> str:

@@ -26,8 +26,10 @@ _SKIP_TOKENS = {"self", "__dict__", "_modules", "_parameters", "_buffers"}
 
 def clean_path(source: str) -> str:
     """`L['self'].__dict__['_modules']['blocks'].0.attn1` -> `blocks.0.attn1`."""
-    tokens = re.findall(r"\['([^']+)'\]|\.(\w+)", source)
-    return ".".join(a or b for a, b in tokens if (a or b) not in _SKIP_TOKENS)
+    tokens = [a or b for a, b in re.findall(r"\['([^']+)'\]|\.(\w+)", source)]
+    if "__self__" in tokens:  # reached through a wrapped forward (a diffusers hook): the module follows
+        tokens = tokens[len(tokens) - tokens[::-1].index("__self__") :]
+    return ".".join(t for t in tokens if t not in _SKIP_TOKENS)
 
 
 def is_sdpa(node: fx.Node) -> bool:
@@ -89,7 +91,9 @@ class ModelInfo:
     grid: Grid
     num_blocks: int
     timestep_index: int
+    latent_index: int
     sites: tuple[Site, ...]
+    block_offsets: dict[str, int]  # first global block index of each container
 
 
 def _block_of(path: str, adapter: ModelAdapter, offsets: dict[str, int]) -> tuple[int, str] | None:
@@ -126,8 +130,8 @@ def _why_not(node: fx.Node, attn: str, adapter: ModelAdapter, n_visual: int) -> 
     return ""
 
 
-def find_sites(gm: fx.GraphModule, adapter: ModelAdapter, grid: Grid) -> tuple[list[Site], int]:
-    """Every SDPA call of the graph, classified; and the number of blocks of the model."""
+def find_sites(gm: fx.GraphModule, adapter: ModelAdapter, grid: Grid) -> tuple[list[Site], dict[str, int], int]:
+    """Every SDPA call of the graph, classified; each container's block offset; the block count."""
     nodes = [n for n in gm.graph.nodes if is_sdpa(n)]
     paths = [module_path(n) for n in nodes]
     offsets, num_blocks = _block_offsets(paths, adapter)
@@ -139,7 +143,7 @@ def find_sites(gm: fx.GraphModule, adapter: ModelAdapter, grid: Grid) -> tuple[l
         n_total = sdpa_arguments(node)["query"].meta["example_value"].shape[-2]
         layout = None if reason else Layout(n_total - n_visual, n_visual, adapter.text_first)
         sites.append(Site(i, node.name, path, where and where[0], layout, reason))
-    return sites, num_blocks
+    return sites, offsets, num_blocks
 
 
 def model_info(gm: fx.GraphModule, adapter: ModelAdapter, example_inputs: list) -> ModelInfo:
@@ -150,8 +154,8 @@ def model_info(gm: fx.GraphModule, adapter: ModelAdapter, example_inputs: list) 
             raise UnsupportedModelError(
                 f"{adapter.family}: the traced graph has no input {needed!r}; inputs seen: {names[:6]}...{hint}"
             )
-    latent = example_inputs[names.index(adapter.latent_input)]
+    latent = names.index(adapter.latent_input)
     weight = example_inputs[names.index(adapter.patch_weight)]
-    grid = adapter.grid(tuple(latent.shape), tuple(weight.shape))
-    sites, num_blocks = find_sites(gm, adapter, grid)
-    return ModelInfo(adapter, grid, num_blocks, names.index(adapter.timestep_input), tuple(sites))
+    grid = adapter.grid(tuple(example_inputs[latent].shape), tuple(weight.shape))
+    sites, offsets, num_blocks = find_sites(gm, adapter, grid)
+    return ModelInfo(adapter, grid, num_blocks, names.index(adapter.timestep_input), latent, tuple(sites), offsets)

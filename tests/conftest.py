@@ -65,3 +65,31 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def tiny_cogvideox_pipeline(transformer=None):
+    """A CogVideoXPipeline from tiny configs (as diffusers' pipeline tests build it); prompts are
+    given as embeddings, so no tokenizer or text encoder is needed. Call `cogvideox_generate`."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    ).eval()
+    return CogVideoXPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer or tiny_cogvideox(),
+        scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"),  # as the released CogVideoX: every run starts at 999
+    )
+
+
+def cogvideox_generate(pipe, steps: int = 3, size: int = 64, seed: int = 0, **kwargs) -> torch.Tensor:
+    """Latents of one classifier-free-guided generation (batch-2 CFG: one call per step)."""
+    g = torch.Generator().manual_seed(seed)
+    emb, neg = torch.randn(1, 4, 16, generator=g), torch.randn(1, 4, 16, generator=g)
+    return pipe(
+        prompt_embeds=emb, negative_prompt_embeds=neg, height=size, width=size, num_frames=9,
+        num_inference_steps=steps, guidance_scale=6.0, generator=torch.Generator().manual_seed(seed),
+        output_type="latent", **kwargs,
+    ).frames

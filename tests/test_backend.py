@@ -12,7 +12,7 @@ import torch
 from conftest import cogvideox_inputs, run, tiny_cogvideox
 
 import asymrnr_fx
-from asymrnr_fx import AsymRnRConfig, ConfigError, Schedule, ScheduleError
+from asymrnr_fx import AsymRnRConfig, Schedule, ScheduleError
 
 
 def cheap(**kw) -> AsymRnRConfig:
@@ -56,7 +56,7 @@ def test_matching_runs_once_per_window_and_resets_with_new_generation():
     assert counts == [per_window] * 5 + [2 * per_window] * 5 + [3 * per_window] * 2
     assert rt.step == 11
     run(compiled, inputs, 900.0)  # the timestep went back up: a new generation
-    assert rt.step == 0 and rt.stats["matchings"] == 4 * per_window and rt.stats["resets"] == 2
+    assert rt.step == 0 and rt.stats["matchings"] == 4 * per_window and rt.stats["generations"] == 2
 
 
 def test_cached_matching_is_reused_not_recomputed():
@@ -148,34 +148,6 @@ def test_entry_point_resolves_without_import():
     assert float(done.stdout.split("diff")[1]) > 1e-3
 
 
-@pytest.mark.parametrize(
-    "kwargs,message",
-    [
-        ({"q_ratio": 1.5}, "q_ratio must be a number in [0, 1), got 1.5"),
-        ({"kv_ratio": -0.1}, "kv_ratio must be a number in [0, 1), got -0.1"),
-        ({"q_ratio": "half"}, "q_ratio must be a number"),
-        ({"dst_stride": (0, 2, 2)}, "dst_stride must be three positive ints"),
-        ({"dst_stride": (2, 2)}, "dst_stride must be three positive ints"),
-        ({"dst_stride": (1, 1, 1)}, "every token a destination"),
-        ({"matching_every": 0}, "matching_every must be an int >= 1"),
-        ({"distance": "manhattan"}, "distance must be one of"),
-        ({"reduce_mode": "drop"}, "reduce_mode must be one of"),
-        ({"h_ratio": 0.5}, "cannot be combined with q_ratio"),
-    ],
-)
-def test_invalid_config_is_a_clear_error(kwargs, message):
-    with pytest.raises(ConfigError) as err:
-        AsymRnRConfig(**kwargs)
-    assert message in str(err.value)
-
-
-def test_unknown_option_key_suggests_the_right_one():
-    model, inputs = tiny_cogvideox(), cogvideox_inputs()
-    compiled = torch.compile(model, backend="asymrnr", options={"q_raito": 0.5})
-    with pytest.raises(Exception, match=r"unknown asymrnr option 'q_raito'. Did you mean 'q_ratio'\?"):
-        run(compiled, inputs, 900.0)
-
-
 def test_schedule_of_wrong_shape_names_both_shapes():
     model, inputs = tiny_cogvideox(), cogvideox_inputs()
     sched = Schedule(q=torch.full((30, 50), 0.5))
@@ -219,6 +191,6 @@ def test_unsupported_model_errors_or_runs_unreduced_with_one_warning():
 def test_dynamic_shapes_run_unreduced_with_a_warning():
     model, inputs = tiny_cogvideox(), cogvideox_inputs()
     compiled = torch.compile(model, backend="asymrnr", dynamic=True, options={"compiler": "aot_eager"})
-    with pytest.warns(UserWarning, match="dynamic shapes; compile with dynamic=False"):
+    with pytest.warns(UserWarning, match="dynamic shapes.*the speedup is lost.*dynamic=False"):
         out = run(compiled, inputs, 900.0)
     torch.testing.assert_close(out, run(model, inputs, 900.0), rtol=1e-5, atol=1e-5)

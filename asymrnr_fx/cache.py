@@ -1,0 +1,194 @@
+"""Feature caching across denoising steps: the configs and their decisions, pure torch.
+
+The model's blocks are split into head [0, a), span [a, b) and tail [b, n). A *full* step runs
+every block and stores, per residual stream, the span's residual R = S_b - S_a (S_i: the stream
+entering block i). A *cached* step runs the head, skips the span and feeds the tail S_a + R.
+
+- `BlockCache` (training-free, adaptive): head = the first block(s). The signal is the head's
+  residual r = S_a - S_0 on the visual stream; the relative L1 change of r against its value at
+  the last full step decides (policy "first_block", as diffusers FirstBlockCache / ParaAttention
+  FBCache), or that change accumulated over the cached steps since the last full one, in the
+  spirit of TeaCache / EasyCache (policy "accumulated").
+- `SkipCache` (Skip-DiT's Skip-Cache rule, training-free residual form for models without long
+  skips): head and tail of `blocks` blocks each; full steps while t >= full_above, once
+  t <= full_below, and every `interval`-th step between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+BLOCK_POLICIES = ("first_block", "accumulated")
+
+
+def _check_int(owner: str, name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{owner}.{name} must be an int >= {low}, got {value!r}.")
+
+
+def _check_number(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{owner}.{name} must be a number, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class BlockCache:
+    """Adaptive block caching. threshold: relative L1 change of the head's residual under which
+    the span is reused; head_blocks / tail_blocks: blocks always computed at each end;
+    full_first / full_last: steps always computed in full at the start / end (the end is known
+    from the pipeline's step count, `callback_on_step_end` or `runtime.num_steps`);
+    max_cached: most consecutive cached steps (0: no limit)."""
+
+    threshold: float = 0.08
+    policy: str = "first_block"
+    head_blocks: int = 1
+    tail_blocks: int = 0
+    full_first: int = 1
+    full_last: int = 1
+    max_cached: int = 0
+
+    def __post_init__(self) -> None:
+        _check_number("BlockCache", "threshold", self.threshold)
+        if self.threshold <= 0:
+            raise ConfigError(f"BlockCache.threshold must be > 0, got {self.threshold!r}. Use e.g. 0.08.")
+        if self.policy not in BLOCK_POLICIES:
+            raise ConfigError(f"BlockCache.policy must be one of {BLOCK_POLICIES}, got {self.policy!r}.")
+        _check_int("BlockCache", "head_blocks", self.head_blocks, 1)
+        for name in ("tail_blocks", "full_first", "full_last", "max_cached"):
+            _check_int("BlockCache", name, getattr(self, name), 0)
+
+    def span(self, num_blocks: int) -> tuple[int, int]:
+        return _span(self, self.head_blocks, num_blocks - self.tail_blocks, num_blocks)
+
+
+@dataclass(frozen=True)
+class SkipCache:
+    """Skip-Cache (Skip-DiT release rule "N{interval}-{full_above}-{full_below}", default N2-700-50):
+    `blocks` blocks computed at each end on cached steps."""
+
+    interval: int = 2
+    full_above: float = 700.0
+    full_below: float = 50.0
+    blocks: int = 1
+
+    def __post_init__(self) -> None:
+        _check_int("SkipCache", "interval", self.interval, 1)
+        _check_int("SkipCache", "blocks", self.blocks, 1)
+        _check_number("SkipCache", "full_above", self.full_above)
+        _check_number("SkipCache", "full_below", self.full_below)
+        if self.full_below >= self.full_above:
+            raise ConfigError(
+                f"SkipCache.full_below ({self.full_below}) must be below full_above ({self.full_above}): "
+                "no step could be cached."
+            )
+
+    def span(self, num_blocks: int) -> tuple[int, int]:
+        return _span(self, self.blocks, num_blocks - self.blocks, num_blocks)
+
+
+CacheConfig = BlockCache | SkipCache
+
+
+def _span(cfg: CacheConfig, a: int, b: int, num_blocks: int) -> tuple[int, int]:
+    if not 0 < a < b <= num_blocks:
+        raise ConfigError(
+            f"{cfg} leaves no block to skip in a model of {num_blocks} blocks (span [{a}, {b})). "
+            "Compute fewer blocks at the ends."
+        )
+    return a, b
+
+
+@dataclass
+class SpanState:
+    """One context's cache within one generation. residuals: R per span output; signal: the
+    head's residual at the last full step; previous: at the previous step; changed: the change
+    accumulated since the last full step; cached: consecutive cached steps; since_full: steps
+    since the last full one."""
+
+    residuals: list[torch.Tensor] | None = None
+    signal: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
+    changed: float = 0.0
+    cached: int = 0
+    since_full: int = 0
+
+
+def relative_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """mean|x - ref| / mean|ref| (float32), the change measure of FirstBlockCache."""
+    x, ref = x.float(), ref.float()
+    return float((x - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
+
+
+def forced_full(cfg: CacheConfig, state: SpanState, step: int, num_steps: int | None) -> bool:
+    """Steps that must run in full whatever the signal says."""
+    if state.residuals is None:
+        return True
+    if isinstance(cfg, SkipCache):
+        return False
+    late = num_steps is not None and step >= num_steps - cfg.full_last
+    return step < cfg.full_first or late or (cfg.max_cached > 0 and state.cached >= cfg.max_cached)
+
+
+def skip_cache_decides(cfg: SkipCache, state: SpanState, t: float | None) -> bool:
+    """True to reuse the span at timestep t: between the two bands, all but every interval-th step."""
+    if t is None or t >= cfg.full_above or t <= cfg.full_below:
+        return False
+    return state.since_full % cfg.interval != 0
+
+
+def block_cache_change(cfg: BlockCache, state: SpanState, signal: torch.Tensor) -> float:
+    """The change the policy compares with its threshold, given the head's residual `signal`:
+    against the last full step ("first_block"), or step to step summed since it ("accumulated")."""
+    if cfg.policy == "first_block":
+        return relative_l1(signal, state.signal)
+    return state.changed + relative_l1(signal, state.previous)
+
+
+def record_full(state: SpanState, residuals: list[torch.Tensor], signal: torch.Tensor | None) -> None:
+    state.residuals, state.signal, state.previous = residuals, signal, signal
+    state.changed, state.cached, state.since_full = 0.0, 0, 1
+
+
+def record_cached(state: SpanState, signal: torch.Tensor | None, change: float) -> None:
+    state.previous, state.changed = signal, change
+    state.cached += 1
+    state.since_full += 1
+
+
+CACHE_KINDS: dict[str, type] = {"block": BlockCache, "skip": SkipCache}
+
+
+def cache_from_options(opts: dict[str, Any]) -> CacheConfig | None:
+    """Pop the cache keys of torch.compile `options=`: "cache" ("block", "skip", a config or None)
+    and "cache_<field>" for the chosen config's fields, e.g. {"cache": "block", "cache_threshold": 0.1}."""
+    kind = opts.pop("cache", None)
+    fields = {k[len("cache_"):]: opts.pop(k) for k in [k for k in opts if k.startswith("cache_")]}
+    if kind is None or isinstance(kind, (BlockCache, SkipCache)):
+        if fields:
+            raise ConfigError(f"options {sorted('cache_' + f for f in fields)} need options['cache'] = 'block' or 'skip'.")
+        return kind
+    if kind not in CACHE_KINDS:
+        raise ConfigError(f"options['cache'] must be one of {sorted(CACHE_KINDS)} or a BlockCache / SkipCache, got {kind!r}.")
+    cls = CACHE_KINDS[kind]
+    known = [f.name for f in dataclasses.fields(cls)]
+    for name in fields:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean 'cache_{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown option 'cache_{name}' for cache={kind!r}.{hint} Valid: {['cache_' + k for k in known]}.")
+    return cls(**fields)
+
+
+def check_cache(value: Any) -> None:
+    if value is not None and not isinstance(value, (BlockCache, SkipCache)):
+        raise ConfigError(
+            f"cache must be asymrnr_fx.BlockCache(...), asymrnr_fx.SkipCache(...) or None, got {value!r}."
+        )

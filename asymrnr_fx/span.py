@@ -1,0 +1,160 @@
+"""The block cache between compiled segments (FX plumbing; the decisions are in `cache.py`).
+
+The segments of a model are grouped as prologue | head blocks [0, a) | span [a, b) | tail blocks
+[b, n) and epilogue. Each group is a GraphModule calling its segments; the span's group is
+replaced by `CachedSpan`, which runs it or returns its inputs plus the stored residuals. Every
+decision is taken here, in Python, between compiled code: Dynamo's graph has no break and no
+guard on it, so caching adds neither graph breaks nor recompiles.
+
+Streams: the span's outputs (the values its blocks hand to the tail) are paired with the span's
+inputs that nothing after the span reads (the values they replace), by shape, dtype and device,
+on the first full step. The visual stream is the largest pair; the head's residual on it is the
+adaptive policy's signal.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from . import cache
+from .passes import segment
+
+
+def _span_only_inputs(outer: fx.GraphModule, name: str) -> list[int]:
+    """Positions of group `name`'s inputs that are computed values read by this group only."""
+    call = next(n for n in outer.graph.nodes if n.op == "call_module" and n.target == name)
+    return [
+        i for i, a in enumerate(call.args)
+        if isinstance(a, fx.Node) and a.op != "placeholder" and set(a.users) == {call}
+    ]
+
+
+def _pair(outputs: Sequence[Any], inputs: Sequence[Any], candidates: list[int]) -> list[int] | None:
+    """For each output, the first unused candidate input of the same shape, dtype and device."""
+    free, pairs = list(candidates), []
+    for out in outputs:
+        key = (out.shape, out.dtype, out.device)
+        match = next((i for i in free if (inputs[i].shape, inputs[i].dtype, inputs[i].device) == key), None)
+        if match is None:
+            return None
+        free.remove(match)
+        pairs.append(match)
+    return pairs
+
+
+class HeadProbe:
+    """The head blocks' group: keeps its stream inputs of the current call (the signal's S_0)."""
+
+    def __init__(self, gm: fx.GraphModule, positions: list[int]) -> None:
+        self.gm, self.positions = gm, positions
+        self.inputs: list[torch.Tensor] = []
+
+    def __call__(self, *args: Any) -> Any:
+        self.inputs = [args[i] for i in self.positions]
+        return self.gm(*args)
+
+
+class CachedSpan:
+    """The span's group: computes it and stores its residuals, or reuses them."""
+
+    def __init__(self, gm: fx.GraphModule, config: cache.CacheConfig, rt: Any, bounds: tuple[int, int],
+                 positions: list[int], head: HeadProbe) -> None:
+        self.gm, self.config, self.rt, self.bounds, self.positions, self.head = gm, config, rt, bounds, positions, head
+        self.pairs: list[int] | None = None  # output j <- input pairs[j]
+        self.visual: tuple[int, int] | None = None  # (input position, head input index) of the signal
+        self.as_tuple = True
+        self.disabled = ""
+
+    def __call__(self, *args: Any) -> Any:
+        ctx = self.rt.state
+        if ctx.cache is None:
+            ctx.cache = cache.SpanState()
+        head_inputs, self.head.inputs = self.head.inputs, []
+        signal = self._signal(args, head_inputs)
+        change = self._change(ctx.cache, signal)
+        if change is None:
+            return self._compute(args, ctx.cache, signal, head_inputs)
+        return self._reuse(args, ctx, signal, change)
+
+    def _signal(self, args: Sequence[Any], head_inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        """The head's residual on the visual stream, S_a - S_0 (None until the streams are known)."""
+        if self.visual is None or not head_inputs:
+            return None
+        pos, head = self.visual
+        return args[pos] - head_inputs[head]
+
+    def _change(self, state: cache.SpanState, signal: torch.Tensor | None) -> float | None:
+        """The change to record when this step reuses the span; None: compute it."""
+        rt, cfg = self.rt, self.config
+        if self.disabled or cache.forced_full(cfg, state, rt.step, rt.num_steps):
+            return None
+        if isinstance(cfg, cache.SkipCache):
+            return 0.0 if cache.skip_cache_decides(cfg, state, rt.timestep) else None
+        if signal is None or state.signal is None:
+            return None
+        change = cache.block_cache_change(cfg, state, signal)
+        return change if change < cfg.threshold else None
+
+    def _compute(self, args: Sequence[Any], state: cache.SpanState, signal: torch.Tensor | None,
+                 head_inputs: list[torch.Tensor]) -> Any:
+        out = self.gm(*args)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if self.pairs is None and not self.disabled:
+            self._bind(outs, args, head_inputs)
+            signal = self._signal(args, head_inputs)
+        if not self.disabled:
+            cache.record_full(state, [o - args[i] for o, i in zip(outs, self.pairs)], signal)
+        self._log(skipped=False)
+        return out
+
+    def _reuse(self, args: Sequence[Any], ctx: Any, signal: torch.Tensor | None, change: float) -> Any:
+        outs = [args[i] + r for i, r in zip(self.pairs, ctx.cache.residuals)]
+        cache.record_cached(ctx.cache, signal, change)
+        for block in range(*self.bounds):
+            ctx.skipped[block] += 1
+        self._log(skipped=True)
+        return tuple(outs) if self.as_tuple else outs[0]
+
+    def _bind(self, outs: list[torch.Tensor], args: Sequence[Any], head_inputs: list[torch.Tensor]) -> None:
+        """Pair the span's outputs with the inputs they replace; find the visual stream."""
+        self.pairs = _pair(outs, args, self.positions)
+        if self.pairs is None:
+            self.disabled = "the span's outputs do not pair with its inputs by shape"
+            self.rt.stats["cache_disabled"] += 1
+            warnings.warn(f"asymrnr: block cache off for this graph: {self.disabled}", stacklevel=2)
+            return
+        self.as_tuple = len(outs) > 1 or isinstance(self.gm.graph.output_node().args[0], (tuple, list))
+        pos = self.pairs[max(range(len(outs)), key=lambda k: outs[k].numel())]
+        key = (args[pos].shape, args[pos].dtype)
+        heads = [k for k, x in enumerate(head_inputs) if (x.shape, x.dtype) == key]
+        self.visual = (pos, heads[0]) if heads else None
+
+    def _log(self, skipped: bool) -> None:
+        rt, (a, b) = self.rt, self.bounds
+        rt.stats["cache_hits" if skipped else "cache_misses"] += 1
+        n = rt.info.num_blocks
+        rt.cache_log[(rt.step, rt.context_key)] = (n - (b - a), b - a) if skipped else (n, 0)
+
+
+def wrap(top: fx.GraphModule, part_blocks: dict[str, int], config: cache.CacheConfig, num_blocks: int,
+         rt: Any) -> fx.GraphModule:
+    """Group `top`'s segments around the cache's span and put the cache on the span's group."""
+    a, b = config.span(num_blocks)
+
+    def group(block: int) -> int:
+        return 0 if block < 0 else 1 if block < a else 2 if block < b else 3
+
+    outer, _ = segment.split_groups(top, {name: group(blk) for name, blk in part_blocks.items()})
+    head_gm, span_gm = outer.submod_1, outer.submod_2
+    head = HeadProbe(head_gm, _span_only_inputs(outer, "submod_1"))
+    span = CachedSpan(span_gm, config, rt, (a, b), _span_only_inputs(outer, "submod_2"), head)
+    for name, obj in (("submod_1", head), ("submod_2", span)):
+        delattr(outer, name)
+        setattr(outer, name, obj)
+    rt.rewrites["cache_spans"] += 1
+    return outer

@@ -1,0 +1,65 @@
+"""Transformer-block boundaries of a Dynamo graph, from each node's `nn_module_stack`.
+
+Pure analysis: reads the graph, changes nothing. A node belongs to block i when one entry of its
+module stack is `{container}.{j}` for a container the adapter names (global index: offset of the
+container + j). Dynamo traces in program order, so every block is a contiguous run of nodes; the
+nodes between two blocks (none in the supported families but a concatenation or two) go with
+the block before them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import fx
+
+from ..models.adapter import ModelAdapter, UnsupportedModelError
+from .sites import clean_path
+
+
+@dataclass(frozen=True)
+class BlockBounds:
+    """starts[i]: name of block i's first node; epilogue: first node after the last block
+    (None when the last block ends the graph)."""
+
+    starts: tuple[str, ...]
+    epilogue: str | None
+
+
+def _block_patterns(adapter: ModelAdapter, offsets: dict[str, int]) -> list[tuple[re.Pattern, int]]:
+    return [(re.compile(rf"{re.escape(c)}\.(\d+)"), offsets[c]) for c, _ in adapter.block_containers]
+
+
+def node_block(node: fx.Node, patterns: list[tuple[re.Pattern, int]]) -> int | None:
+    """Global block index of `node`, or None outside every block."""
+    for source, _ in (node.meta.get("nn_module_stack") or {}).values():
+        path = clean_path(source)
+        for pattern, offset in patterns:
+            if m := pattern.fullmatch(path):
+                return offset + int(m.group(1))
+    return None
+
+
+def find_bounds(graph: fx.Graph, adapter: ModelAdapter, offsets: dict[str, int], num_blocks: int) -> BlockBounds:
+    """The first node of every block and of the epilogue; errors if blocks interleave."""
+    patterns = _block_patterns(adapter, offsets)
+    starts: dict[int, str] = {}
+    last_block, after_last = -1, None
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        block = node_block(node, patterns)
+        if block is None:
+            if last_block == num_blocks - 1 and after_last is None:
+                after_last = node.name
+            continue
+        if block < last_block or (block != last_block and block in starts):
+            raise UnsupportedModelError(f"block {block} runs after block {last_block}: blocks interleave in the graph")
+        if block != last_block:
+            starts[block] = node.name
+        last_block, after_last = block, None
+    missing = sorted(set(range(num_blocks)) - set(starts))
+    if missing:
+        raise UnsupportedModelError(f"blocks {missing} have no node in the traced graph")
+    return BlockBounds(tuple(starts[i] for i in range(num_blocks)), after_last)
