@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from . import span, tokens
-from .config import AsymRnRConfig
+from .config import AsymRnRConfig, BackendConfigError, ConfigError
 from .models.adapter import UnsupportedModelError, adapter_for_classes
 from .passes import blocks, segment, sites
 from .passes import reduce_attention as ra
@@ -323,7 +323,13 @@ def asymrnr_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict |
     """torch.compile backend: `torch.compile(model, backend="asymrnr", options={...})`."""
     options = dict(options or {})  # torch mutates the caller's dict
     cfg = AsymRnRConfig.from_options(options, mode=mode)
-    rt = _runtime(cfg, options, example_inputs)
+    try:
+        return _compile_model(gm, example_inputs, cfg, _runtime(cfg, options, example_inputs))
+    except ConfigError as err:  # a config that does not fit this model: the user reads it first
+        raise BackendConfigError(str(err)).with_traceback(err.__traceback__) from None
+
+
+def _compile_model(gm: fx.GraphModule, example_inputs: list, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> CompiledFn:
     if not cfg.enabled:
         return _dense(gm, example_inputs, cfg, rt, "")
     try:

@@ -58,10 +58,11 @@ class ContextState:
 def _context_memory(ctx: ContextState) -> dict[str, int]:
     cached = ctx.cache
     tensors = [*(cached.residuals or []), cached.signal, cached.previous] if cached is not None else []
+    unique = {id(t): t for t in tensors if t is not None}  # signal and previous may be one tensor
     return {
         "matchings": len(ctx.matchings),
         "plans": sum(len(c.plans) for c in ctx.matchings.values()),
-        "cache_elements": sum(t.numel() for t in tensors if t is not None),
+        "cache_elements": sum(t.numel() for t in unique.values()),
     }
 
 

@@ -93,3 +93,31 @@ def cogvideox_generate(pipe, steps: int = 3, size: int = 64, seed: int = 0, **kw
         num_inference_steps=steps, guidance_scale=6.0, generator=torch.Generator().manual_seed(seed),
         output_type="latent", **kwargs,
     ).frames
+
+
+def dynamo_code(model, inputs: dict, t: float = 900.0) -> list[str]:
+    """The code of the graphs Dynamo hands to a backend for this call (a capturing backend)."""
+    codes = []
+
+    def capture(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    run(torch.compile(model, backend=capture, dynamic=False), inputs, t)
+    torch._dynamo.reset()
+    return codes
+
+
+def inner_compiled_code(monkeypatch) -> list[str]:
+    """Collects the code of every graph the asymrnr backend passes to its inner compiler."""
+    from asymrnr_fx import backend
+
+    codes, real = [], backend.inner_compile
+
+    def spy(gm, inputs, cfg, rt):
+        codes.append(gm.code)
+        return real(gm, inputs, cfg, rt)
+
+    monkeypatch.setattr(backend, "inner_compile", spy)
+    return codes

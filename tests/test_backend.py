@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import cogvideox_inputs, run, tiny_cogvideox
+from conftest import cogvideox_inputs, dynamo_code, inner_compiled_code, run, tiny_cogvideox
 
 import asymrnr_fx
 from asymrnr_fx import AsymRnRConfig, Schedule, ScheduleError
@@ -23,14 +23,17 @@ def steps(model, inputs, n, start=900.0, stride=10.0):
     return [run(model, inputs, start - i * stride) for i in range(n)]
 
 
-def test_ratio_zero_is_untouched_and_equal_to_baseline():
+def test_ratio_zero_is_untouched_and_equal_to_baseline(monkeypatch):
     model, inputs = tiny_cogvideox(), cogvideox_inputs()
+    compiled_code = inner_compiled_code(monkeypatch)
     compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0))
     baseline = torch.compile(model, backend="aot_eager")
     assert torch.equal(run(compiled, inputs, 900.0), run(baseline, inputs, 900.0))
     rt = compiled.asymrnr
     assert rt.stats["dense_graphs"] == 1 and rt.stats["compiles"] == 1
     assert rt.rewrites["nodes_inserted"] == 0 and rt.rewrites["sites_rewritten"] == 0 and rt.stats["matchings"] == 0
+    # the inner compiler got Dynamo's own graph (of the model as asymrnr_fx.compile left it), not a cut one
+    assert compiled_code == dynamo_code(model, inputs)
 
 
 def test_reduction_rewrites_every_site_and_counts_it():

@@ -26,3 +26,21 @@ def test_cuda_inductor_matches_cpu_cheap_path(build, inputs):
     got = run(fast, _to(x, "cuda"), 900.0)
     torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
     assert fast.asymrnr.rewrites["sites_reduced"] >= 2
+
+
+def test_cuda_graphs_do_not_overwrite_cached_tensors():
+    """mode="reduce-overhead": segment outputs live in the CUDA-graph pool and are overwritten at
+    the next replay; the cache must hold tensors of its own (residuals are computed, not aliased)."""
+    from asymrnr_fx import BlockCache
+
+    cfg = {"q_ratio": 0.0, "kv_ratio": 0.0, "cache": BlockCache(threshold=0.3, full_last=0)}
+    x = cogvideox_inputs()
+    ts = [900.0 - 40 * i for i in range(8)]
+    cheap = asymrnr_fx.compile(tiny_cogvideox(num_layers=4), AsymRnRConfig(compiler="aot_eager", **cfg))
+    want = [run(cheap, x, t) for t in ts]
+    torch._dynamo.reset()
+    fast = asymrnr_fx.compile(tiny_cogvideox(num_layers=4).cuda(), AsymRnRConfig(mode="reduce-overhead", **cfg))
+    got = [run(fast, _to(x, "cuda"), t).clone() for t in ts]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=2e-3, atol=2e-3)
+    assert fast.asymrnr.stats["cache_hits"] == cheap.asymrnr.stats["cache_hits"] > 0

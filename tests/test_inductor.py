@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cogvideox_inputs, hunyuan_inputs, run, tiny_cogvideox, tiny_hunyuan
+from conftest import (
+    cogvideox_inputs,
+    dynamo_code,
+    hunyuan_inputs,
+    inner_compiled_code,
+    run,
+    tiny_cogvideox,
+    tiny_hunyuan,
+)
 
 import asymrnr_fx
 from asymrnr_fx import AsymRnRConfig
@@ -12,13 +20,14 @@ from asymrnr_fx import AsymRnRConfig
 pytestmark = pytest.mark.inductor
 
 
-def test_cogvideox_inductor_ratio_zero_equals_inductor_and_reduced_matches_cheap_path():
+def test_cogvideox_inductor_ratio_zero_equals_inductor_and_reduced_matches_cheap_path(monkeypatch):
     model, inputs = tiny_cogvideox(), cogvideox_inputs()
     baseline = run(torch.compile(model, backend="inductor"), inputs, 900.0)
     torch._dynamo.reset()
+    compiled_code = inner_compiled_code(monkeypatch)
     zero = asymrnr_fx.compile(model, AsymRnRConfig(q_ratio=0.0, kv_ratio=0.0))
     torch.testing.assert_close(run(zero, inputs, 900.0), baseline, rtol=0, atol=1e-6)
-    assert zero.asymrnr.rewrites["nodes_inserted"] == 0
+    assert zero.asymrnr.rewrites["nodes_inserted"] == 0 and compiled_code == dynamo_code(model, inputs)
     torch._dynamo.reset()
     cfg = {"q_ratio": 0.5, "kv_ratio": 0.3, "matching_every": 2}
     fast = asymrnr_fx.compile(model, AsymRnRConfig(**cfg))
@@ -42,3 +51,24 @@ def test_hunyuan_video_inductor_with_mask_matches_cheap_path():
     want = run(asymrnr_fx.compile(tiny_hunyuan(), AsymRnRConfig(compiler="aot_eager", **cfg)), inputs, 900.0)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert fast.asymrnr.rewrites["sites_reduced"] == 2
+
+
+def test_cache_with_reduction_inductor_matches_cheap_path_without_recompiles():
+    from asymrnr_fx import SkipCache
+
+    x = cogvideox_inputs()
+    cfg = {"q_ratio": 0.5, "kv_ratio": 0.3, "matching_every": 2,
+           "cache": SkipCache(interval=2, full_above=880.0, full_below=0.0, blocks=1)}
+    ts = (900.0, 890.0, 880.0, 870.0, 860.0)
+    fast = asymrnr_fx.compile(tiny_cogvideox(num_layers=3), AsymRnRConfig(**cfg), fullgraph=True)
+    [run(fast, x, t) for t in ts]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = [run(fast, x, t) for t in ts]
+    torch._dynamo.reset()
+    cheap = asymrnr_fx.compile(tiny_cogvideox(num_layers=3), AsymRnRConfig(compiler="aot_eager", **cfg))
+    want = [run(cheap, x, t) for t in ts]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    rt = fast.asymrnr
+    assert rt.stats["cache_hits"] == 2 and rt.stats["generations"] == 2  # t=870 of each generation
+    assert rt.stats["compiles"] <= 6  # prologue, block starts, reduced sites, epilogue: not per step

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from conftest import cogvideox_inputs, hunyuan_inputs, run, tiny_cogvideox, tiny_hunyuan
 from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
 from test_reference import ref_match, ref_split
 
 import asymrnr_fx
-from asymrnr_fx import AsymRnRConfig
+from asymrnr_fx import AsymRnRConfig, Schedule
 
 GRID, STRIDE = (3, 8, 8), (2, 2, 2)
 
@@ -88,10 +87,12 @@ def test_symmetric_hunyuan_double_and_single_blocks_run_and_reduce():
     assert (close - dense).abs().max() < (got - dense).abs().max()
 
 
-@pytest.mark.parametrize("h", [0.0])
-def test_symmetric_ratio_zero_is_dense(h):
+def test_symmetric_dense_step_runs_the_unrewritten_segments():
     model, inputs = tiny_cogvideox(), cogvideox_inputs()
-    cfg = AsymRnRConfig(q_ratio=0.0, kv_ratio=0.0, h_ratio=h, compiler="aot_eager")
-    compiled = asymrnr_fx.compile(model, cfg)
+    table = torch.tensor([[0.0, 0.5], [0.0, 0.5]])  # step 0 dense, step 1 reduced
+    compiled = asymrnr_fx.compile(model, AsymRnRConfig(schedule=Schedule(h=table), compiler="aot_eager"))
     torch.testing.assert_close(run(compiled, inputs, 900.0), run(model, inputs, 900.0), rtol=1e-5, atol=1e-5)
-    assert compiled.asymrnr.rewrites["nodes_inserted"] == 0
+    rt = compiled.asymrnr
+    assert rt.rewrites["nodes_inserted"] == 0 and rt.stats["matchings"] == 0 and rt.stats["segments"] == 3
+    run(compiled, inputs, 890.0)
+    assert rt.rewrites["nodes_inserted"] > 0 and rt.stats["matchings"] == 2
