@@ -37,5 +37,5 @@ def compile(model: torch.nn.Module, config: AsymRnRConfig | None = None, **compi
     pipeline_hook.attach(model, runtime)
     compile_kwargs.setdefault("dynamic", False)
     compiled = torch.compile(model, backend="asymrnr", options={"config": config, "runtime": runtime}, **compile_kwargs)
-    compiled.asymrnr = runtime
+    compiled.__dict__["asymrnr"] = runtime  # on the wrapper itself: OptimizedModule forwards setattr to the model
     return compiled

@@ -77,6 +77,17 @@ def _layout(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(st if size > 1 else 0 for size, st in zip(x.shape, x.stride()))
 
 
+def _input_signature(args: Sequence[Any]) -> tuple:
+    """What a compiled segment is specialised on besides its graph: grad mode and every tensor
+    input's dtype, device, shape and layout. Inductor's compiled code checks sizes and strides when
+    called, but not dtypes: reused for a bfloat16 input, a segment compiled for a float32 one reads
+    the bfloat16 bytes as float32 (and past the end of the buffer)."""
+    def one(a: Any) -> tuple | None:
+        return (a.dtype, a.device, tuple(a.shape), _layout(a)) if isinstance(a, torch.Tensor) else None
+
+    return (torch.is_grad_enabled(), tuple(one(a) for a in args))
+
+
 class _Segment:
     """One segment of the cut graph: compiles on first use, keyed by activation strides and the
     variant its reducer (if any) asks for at this step."""
@@ -86,10 +97,17 @@ class _Segment:
         self.single = _ensure_tuple_output(gm)
         self.structure = segment.structure_key(gm.graph)
         self.activations = activations
+        self._inputs: tuple | None = None  # this segment's `_input_signature`, taken at its first call
 
     def _key(self, args: Sequence[Any], variant: Any) -> tuple:
+        """Segments of one structure share compiled code, across blocks and across Dynamo graphs.
+        A recompile (e.g. the pipeline's timestep turning from float32 to bfloat16 after the first
+        step) builds new segments of the same structure: their inputs' dtypes must be in the key.
+        One Dynamo graph's guards pin its inputs, so the signature is taken once per segment."""
+        if self._inputs is None:
+            self._inputs = _input_signature(args)
         strides = tuple(_layout(args[i]) for i in self.activations if isinstance(args[i], torch.Tensor))
-        return (self.structure, variant, strides)
+        return (self.structure, variant, self._inputs, strides)
 
     def _compiled(self, args: Sequence[Any], variant: Any, build: Callable[[], fx.GraphModule], extra: list) -> CompiledFn:
         key = self._key(args, variant)
@@ -239,14 +257,15 @@ def _reducer(sub: fx.GraphModule, rt: AsymRnRRuntime, found: Any, grid: tokens.G
 
 
 def _block_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -> dict[str, int]:
-    """Cut node -> block it starts (num_blocks: the epilogue), when the block cache is on."""
+    """Cut node -> block it starts (num_blocks: the epilogue), when the block cache is on: at the
+    first block (its input is the signal's reference), the span's first block and the tail's.
+    No other block boundary is cut: each cut costs a compiled wrapper call and lost fusion."""
     if cfg.cache is None:
         return {}
     bounds = blocks.find_bounds(gm.graph, info.adapter, info.block_offsets, info.num_blocks)
-    cuts = {name: i for i, name in enumerate(bounds.starts)}
-    if bounds.epilogue is not None:
-        cuts[bounds.epilogue] = info.num_blocks
-    return cuts
+    a, b = cfg.cache.span(info.num_blocks)
+    starts = [*bounds.starts, bounds.epilogue]
+    return {starts[i]: i for i in sorted({0, a, b}) if starts[i] is not None}
 
 
 def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> fx.GraphModule:

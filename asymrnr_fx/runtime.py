@@ -171,7 +171,8 @@ class AsymRnRRuntime:
         if self._last_t is None or rising:
             return rising, 0
         step = self.step + 1 if t < self._last_t else self.step
-        return name is not None and last == step, 0 if name is not None and last == step else step
+        repeated = name is not None and last == step  # a named call never runs twice in one step
+        return repeated, 0 if repeated else step
 
     def begin_call(self, timestep: Any, signature: Any = None) -> None:
         """Place the next call: its generation, step and context."""

@@ -166,3 +166,14 @@ def test_pipeline_generation_equals_a_fresh_model(steps):
     fresh, _ = compiled_pipeline(cheap(q_ratio=0.5, kv_ratio=0.3, matching_every=2))
     cogvideox_generate(pipe, steps=2, seed=3)  # a different generation first
     torch.testing.assert_close(cogvideox_generate(pipe, steps=steps), cogvideox_generate(fresh, steps=steps))
+
+
+def test_two_compiled_models_of_one_module_keep_their_own_runtimes():
+    model, x = tiny_cogvideox(), cogvideox_inputs()
+    a = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.5))
+    b = asymrnr_fx.compile(model, cheap(q_ratio=0.3, kv_ratio=0.3))
+    assert a.asymrnr is not b.asymrnr and a.asymrnr.config.q_ratio == 0.5
+    with model.cache_context("uncond"):  # the one hook on the module informs both runtimes
+        run(a, x, 900.0)
+        run(b, x, 900.0)
+    assert a.asymrnr.context_key == b.asymrnr.context_key == "uncond"
