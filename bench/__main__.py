@@ -1,11 +1,13 @@
 """`python -m bench`: speed, fidelity, compile cost and memory of asymrnr beside its peers.
 
-    python -m bench            # full: published block and step counts (about an hour or more on 2 CPU cores)
-    python -m bench --quick    # reduced blocks / steps / methods (< 10 minutes on 2 CPU cores)
+    python -m bench            # full: published block and step counts (estimated ~3 hours on 2 CPU cores)
+    python -m bench --quick    # reduced blocks / steps / methods
     python -m bench --smoke    # minimal config with aot_eager, for the test suite
+    python -m bench --workloads fixture-50 --reps 3    # the caching comparison alone (+ dense rows)
 
 Every method runs in this one process, on the same model and machine, against the same compiled
-dense baseline. Writes bench/results/<date>-<device>[-quick|-smoke].{md,json} and two PNG plots.
+dense baseline; the timed generations of a workload's methods are interleaved in rounds. Writes
+bench/results/<date>-<device>[-quick|-smoke][-<workloads>][-methods-<regex>].{md,json} and PNG plots.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from . import compare, report
 from .flops import count_call
 from .methods import METHODS, MethodSpec, RunContext
-from .run import Result, run_method
+from .run import Result, new_result, run_methods
 from .workloads import SCALED, Workload, fixture_workload, scaled_workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,10 +39,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @dataclass(frozen=True)
 class Plan:
-    """What one mode runs. `scaled`: workload -> (blocks per container, steps)."""
+    """What one mode runs. `fixtures`: workload -> (steps, prompts); by default one generation
+    per prompt, the first the warm-up. `scaled`: workload -> (blocks per container, steps)."""
 
-    fixture_steps: int
-    fixture_prompts: int  # generations: the first is the warm-up, the rest are timed
+    fixtures: dict[str, tuple[int, int]]
     scaled: dict[str, tuple[tuple[int, ...], int]]
     scaled_reps: int
     compiler: str
@@ -48,12 +50,19 @@ class Plan:
     scaled_core_only: bool = True  # random-weight workloads run only the core methods
 
 
+# fixture-50: CogVideoXPipeline's default step count, where the published 50-step schedules apply
+# without step subsampling; 3 prompts (fixture, at 20 steps, uses all 10).
 PLANS = {
-    "smoke": Plan(4, 2, {"cogvideox-2b": ((2,), 3)}, 1, "aot_eager", None),
-    "quick": Plan(20, 4, {"cogvideox-2b": ((4,), 10), "hunyuanvideo": ((1, 2), 10)}, 2, "inductor", (1000, 2, 5)),
-    "full": Plan(20, 10, {"cogvideox-2b": ((30,), 50), "hunyuanvideo": ((20, 40), 30)}, 3, "inductor", (4096, 6, 7),
-                 scaled_core_only=False),
+    "smoke": Plan({"fixture": (4, 3)}, {"cogvideox-2b": ((2,), 3)}, 1, "aot_eager", None),
+    "quick": Plan({"fixture": (20, 4)}, {"cogvideox-2b": ((4,), 10), "hunyuanvideo": ((1, 2), 10)}, 2,
+                  "inductor", (1000, 2, 5)),
+    "full": Plan({"fixture": (20, 10), "fixture-50": (50, 3)}, {"cogvideox-2b": ((30,), 50),
+                 "hunyuanvideo": ((20, 40), 30)}, 3, "inductor", (4096, 6, 7), scaled_core_only=False),
 }
+
+
+def workload_names(plan: Plan) -> list[str]:
+    return [*plan.fixtures, *plan.scaled]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -62,12 +71,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick")
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
-    p.add_argument("--workloads", default="", help="comma-separated subset: fixture,cogvideox-2b,hunyuanvideo")
+    p.add_argument("--workloads", default="",
+                   help="comma-separated subset: fixture,fixture-50,cogvideox-2b,hunyuanvideo "
+                        "(fixture-50: full mode)")
     p.add_argument("--methods", default="", help="regex: run only methods whose name matches (dense always runs)")
-    p.add_argument("--reps", type=int, default=None, help="timed generations per method (default: by mode)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed rounds: generations per method, interleaved across methods (default: by mode)")
     p.add_argument("--warm-cache", action="store_true",
                    help="use the normal Inductor cache (default: a fresh one, so compile times are cold)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        p.error(f"--reps must be >= 1 (timed rounds), got {args.reps}.")
+    return args
 
 
 def device_name() -> str:
@@ -86,10 +101,22 @@ def versions() -> dict[str, str]:
     return out
 
 
+def selected_workloads(arg: str, mode: str, plan: Plan) -> set[str]:
+    """The names --workloads asks for; an error naming the valid ones for any other."""
+    only = {w.strip() for w in arg.split(",") if w.strip()}
+    unknown = sorted(only - set(workload_names(plan)))
+    if unknown:
+        hint = " (fixture-50 runs in full mode: drop --quick / --smoke)." if "fixture-50" in unknown else "."
+        raise SystemExit(f"bench: --workloads {','.join(unknown)}: not a workload of {mode} mode. "
+                         f"Use one of {','.join(workload_names(plan))}{hint}")
+    return only
+
+
 def build_workloads(plan: Plan, only: set[str], device: str, dtype: torch.dtype) -> Iterator[Callable[[], Workload]]:
     """Builders, in table order; each workload is built when its turn comes and freed after."""
-    if not only or "fixture" in only:
-        yield lambda: fixture_workload(plan.fixture_steps, plan.fixture_prompts, device, dtype)
+    for name, (steps, prompts) in plan.fixtures.items():
+        if not only or name in only:
+            yield lambda n=name, s=steps, k=prompts: fixture_workload(s, k, device, dtype, name=n)
     for name, (blocks, steps) in plan.scaled.items():
         if not only or name in only:
             yield lambda s=SCALED[name], b=blocks, n=steps: scaled_workload(s, b, n, device, dtype)
@@ -106,28 +133,36 @@ def selected(spec: MethodSpec, mode: str, wl: Workload, plan: Plan, pattern: str
     return None
 
 
-def skipped_row(spec: MethodSpec, wl: Workload, ctx: RunContext, why: str) -> Result:
-    return Result(wl.name, spec.name.format(compiler=ctx.compiler), spec.family, spec.kind, spec.compiled,
-                  spec.baseline, wl.steps, status=why)
+def _progress(res: Result, phase: str) -> None:
+    if phase == "warm-up":
+        tqdm.write(f"  {res.workload:>14} | {res.method:<56} | "
+                   + (f"warm-up {res.warmup_s:7.1f} s" if res.ok else res.status[:100]))
+    else:
+        tqdm.write(f"  {res.workload:>14} | {res.method:<56} | "
+                   + (f"{res.ms_per_step:8.1f} ms/step" if res.ok and res.gen_s else res.status[:100]))
 
 
 def run_workload(wl: Workload, mode: str, plan: Plan, ctx: RunContext, reps: int, pattern: str) -> tuple[list[Result], dict]:
     call = count_call(wl.model, lambda: wl.example_call(wl.model))
-    results, samples = [], {}  # samples: method -> Samples
+    rows: list[Result | MethodSpec] = []  # table order: skipped rows in place, run ones filled in after
     for spec in METHODS:
         why = selected(spec, mode, wl, plan, pattern)
-        if why == "n/a":
-            continue
-        if why:
-            results.append(skipped_row(spec, wl, ctx, why))
-            continue
-        res, s = run_method(spec, wl, ctx, call, reps)
-        tqdm.write(f"  {wl.name:>14} | {res.method:<48} | "
-                   + (f"{res.ms_per_step:8.1f} ms/step" if res.ok else res.status[:100]))
-        results.append(res)
-        samples[res.method] = s
+        if why != "n/a":
+            rows.append(new_result(spec, wl, ctx, why) if why else spec)
+    specs = [r for r in rows if isinstance(r, MethodSpec)]
+    tqdm.write(f"{wl.name}: {len(specs)} methods, {reps} interleaved round(s), the first also warms each up")
+    ran, rounds = run_methods(specs, wl, ctx, call, reps, report=_progress)
+    done = iter(ran)
+    results, samples = [], {}  # samples: method -> Samples
+    for row in rows:
+        if isinstance(row, MethodSpec):
+            res, got = next(done)
+            samples[res.method] = got
+            _progress(res, "timed")
+            row = res
+        results.append(row)
     meta = {"name": wl.name, **wl.describe, "gflop_per_step": call.dense / 1e9, "attention_share": call.attention_share,
-            "notes": list(wl.notes)}
+            "notes": list(wl.notes), "fidelity": wl.quality, "reps": reps, "rounds": rounds}
     if wl.quality:
         ref = compare.fill_quality(results, wl.name, samples)
         meta["notes"].append(f"PSNR / SSIM against: {ref}")
@@ -147,17 +182,24 @@ def run_site(plan: Plan) -> dict[str, Any]:
         return {"args": str(vars(args)), "rows": [], "error": f"{type(err).__name__}: {err}"}
 
 
-def findings(results: list[Result], site: dict, workloads: list[dict]) -> dict[str, list[str]]:
-    beaten, lines = compare.peer_verdicts(results)
-    head = {None: "- No peer was measured on the fixture.",
+def peer_findings(results: list[Result], workload: str) -> list[str]:
+    beaten, lines = compare.peer_verdicts(results, workload)
+    head = {None: f"- No peer was measured on {workload}.",
             True: "- Yes: at equal or better PSNR, one of our configurations is faster than every measured peer.",
             False: "- **No**: at least one peer is faster than every one of our configurations with at least its "
                    "PSNR (equal PSNR read as: ours >= the peer's PSNR). Details per peer:"}[beaten]
+    return [head, *lines]
+
+
+def findings(results: list[Result], site: dict, workloads: list[dict], threads: int) -> dict[str, list[str]]:
+    fidelity = [w["name"] for w in workloads if w.get("fidelity")]
     failures = [f"- {r.workload} / {r.method}: {r.status}" for r in results
                 if not r.ok and not r.status.startswith("skipped")]
     return {
         "Summary": compare.summary_lines(results),
-        "Ours vs peers on the fixture, at equal PSNR": [head, *lines],
+        "Caching targets (issue: feature caching inside the compiled model)":
+            [line for wl in reversed(fidelity) for line in compare.caching_targets(results, wl, threads)],
+        **{f"Ours vs peers on {wl}, at equal PSNR": peer_findings(results, wl) for wl in reversed(fidelity)},
         "Targets": [*compare.site_targets(site.get("rows", [])), *compare.published_targets(results)]
         + ([f"- site benchmark failed: {site['error']}"] if site.get("error") else []),
         "Deviations from the published models": [f"- {w['name']}: blocks {w['blocks']}, steps {w['steps']}; "
@@ -166,15 +208,26 @@ def findings(results: list[Result], site: dict, workloads: list[dict]) -> dict[s
     }
 
 
+def write_plots(out: Path, stem: str, results: list[Result], workloads: list[dict]) -> dict[str, Path]:
+    """Title -> file of every plot drawn (a plot with nothing to show is not written)."""
+    plots = {}
+    for w in (w["name"] for w in workloads if w.get("fidelity")):
+        suffix = "" if w == "fixture" else f"-{w}"
+        if report.pareto_plot(results, out / f"{stem}-pareto{suffix}.png", w):
+            plots[f"{w}: speedup vs PSNR"] = out / f"{stem}-pareto{suffix}.png"
+        if report.blocks_plot(results, out / f"{stem}-blocks{suffix}.png", w):
+            plots[f"{w}: blocks computed per step"] = out / f"{stem}-blocks{suffix}.png"
+    if report.steps_plot(results, out / f"{stem}-steps.png"):
+        plots["per-step time"] = out / f"{stem}-steps.png"
+    return plots
+
+
 def write_outputs(out: Path, stem: str, meta: dict, results: list[Result], workloads: list[dict], site: dict,
                   found: dict) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json"}
-    plots = {}
-    if report.pareto_plot(results, out / f"{stem}-pareto.png"):
-        plots["speedup vs PSNR"] = paths["pareto"] = out / f"{stem}-pareto.png"
-    if report.steps_plot(results, out / f"{stem}-steps.png"):
-        plots["per-step time"] = paths["steps"] = out / f"{stem}-steps.png"
+    plots = write_plots(out, stem, results, workloads)
+    paths.update(plots)
     paths["md"].write_text(report.markdown(meta, results, workloads, site, found, {k: str(v) for k, v in plots.items()}))
     report.write_json(paths["json"], {"meta": meta, "findings": found, "workloads": workloads, "site": site,
                                       "results": [r.to_json() for r in results]})
@@ -193,9 +246,9 @@ def run_all(args: argparse.Namespace, mode: str, plan: Plan, ctx: RunContext,
             dtype: torch.dtype) -> tuple[list[Result], list[dict]]:
     """Every selected workload in table order, each built, run and freed in turn."""
     results, workloads = [], []
-    for build in build_workloads(plan, {w for w in args.workloads.split(",") if w}, ctx.device, dtype):
+    for build in build_workloads(plan, selected_workloads(args.workloads, mode, plan), ctx.device, dtype):
         wl = build()
-        reps = args.reps or (plan.fixture_prompts - 1 if wl.quality else plan.scaled_reps)
+        reps = args.reps or (wl.prompts - 1 if wl.quality else plan.scaled_reps)
         rows, meta = run_workload(wl, mode, plan, ctx, reps, args.methods)
         results += rows
         workloads.append(meta)
@@ -210,7 +263,18 @@ def run_meta(args: argparse.Namespace, mode: str, plan: Plan, dtype: torch.dtype
             "threads": torch.get_num_threads(), "compiler": plan.compiler, "dtype": str(dtype).replace("torch.", ""),
             "inductor cache": "warm (user's)" if args.warm_cache else "fresh per run (cold compiles)",
             "versions": versions(), "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "rounds": "timed generations interleaved across methods, order rotated by one method per round",
             "wall s": round(time.perf_counter() - start, 1)}
+
+
+def result_stem(meta: dict[str, Any], args: argparse.Namespace) -> str:
+    """<date>-<device>[-<mode>][-<workloads>][-methods-<regex>]: a subset run never overwrites a full one."""
+    stem = f"{meta['date']}-{meta['device']}" + ("" if meta["mode"] == "full" else f"-{meta['mode']}")
+    if args.workloads:
+        stem += "-" + "+".join(w.strip() for w in args.workloads.split(",") if w.strip())
+    if args.methods:
+        stem += "-methods-" + (re.sub(r"[^A-Za-z0-9.=+-]+", "_", args.methods).strip("_")[:40] or "x")
+    return stem
 
 
 def print_summary(results: list[Result], found: dict[str, list[str]], meta: dict, paths: dict[str, Path]) -> None:
@@ -232,12 +296,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"bench: {mode} mode, {device_name()}, {torch.get_num_threads()} threads, compiler {plan.compiler}")
+    selected_workloads(args.workloads, mode, plan)  # a misspelt workload fails before anything runs
     results, workloads = run_all(args, mode, plan, RunContext(plan.compiler, device), dtype)
-    site = run_site(plan)
-    found = findings(results, site, workloads)
+    site = run_site(plan) if not args.workloads else {}  # a subset run is about its workloads only
+    found = findings(results, site, workloads, torch.get_num_threads())
     meta = run_meta(args, mode, plan, dtype, argv, start)
-    stem = f"{meta['date']}-{meta['device']}" + ("" if mode == "full" else f"-{mode}")
-    paths = write_outputs(args.out, stem, meta, results, workloads, site, found)
+    paths = write_outputs(args.out, result_stem(meta, args), meta, results, workloads, site, found)
     print_summary(results, found, meta, paths)
     return paths
 

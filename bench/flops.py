@@ -10,6 +10,9 @@ for queries and for keys/values separately. The asymmetric modes reduce at the a
 the projections, so the linear FLOPs stay dense; the symmetric mode reduces the hidden state
 before the site's Q/K/V projections and restores after its output projection, so those
 projections (`to_q`, `to_k`, `to_v`, `to_out.0` where present) shrink with the kept tokens too.
+
+A step on which the block cache reuses its span runs no block of the span: their FLOPs (linear
+layers and attention, counted per block) are taken out, and their sites save nothing more.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class CallFlops:
     linear: int
     attention: tuple[AttentionCall, ...]
     projections: dict[str, tuple[int, int]] = field(default_factory=dict)
+    block_paths: tuple[str, ...] = ()  # transformer blocks in the runtime's numbering (execution order)
+    blocks: tuple[int, ...] = ()  # dense FLOPs of each of them, attention included
 
     @property
     def dense(self) -> int:
@@ -61,6 +66,10 @@ class CallFlops:
             if a.n_q == a.n_kv == n_total:
                 return a.width
         raise LookupError(f"no dense attention call over {n_total} tokens was recorded.")
+
+    def in_blocks(self, path: str, first: int, stop: int) -> bool:
+        """True when module `path` lies inside one of blocks [first, stop)."""
+        return any(path.startswith(b + ".") for b in self.block_paths[first:stop])
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,15 @@ def reduced_call_flops(call: CallFlops, sites: Iterable[SiteLengths], symmetric:
     return call.dense - saved
 
 
+def cached_call_flops(call: CallFlops, sites: list[SiteLengths], span: tuple[int, int],
+                      symmetric: bool = False) -> int:
+    """FLOPs of one call whose block cache reuses blocks [span[0], span[1]): those blocks cost
+    nothing, the sites outside them keep the given lengths."""
+    first, stop = span
+    outside = [s for s in sites if not call.in_blocks(s.path, first, stop)]
+    return reduced_call_flops(call, outside, symmetric) - sum(call.blocks[first:stop])
+
+
 def ideal_speedup(dense_per_step: int, reduced_per_step: Iterable[int]) -> float:
     """Dense FLOPs of a generation over its reduced FLOPs (one call per step)."""
     steps = list(reduced_per_step)
@@ -107,11 +125,14 @@ def symmetric_ratio(q_ratio: float, kv_ratio: float) -> float:
 
 
 class _RecordAttention(TorchFunctionMode):
-    """Records the shapes of every scaled_dot_product_attention call made inside it."""
+    """Records the shapes of every scaled_dot_product_attention call made inside it, and the
+    block (index into `block_paths`, or None) each was made in."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[AttentionCall] = []
+        self.call_blocks: list[int | None] = []
+        self.block: int | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -120,6 +141,7 @@ class _RecordAttention(TorchFunctionMode):
             k = args[1] if len(args) > 1 else kwargs["key"]
             # (B, H, N, D): batch * heads * head_dim, query length, key length
             self.calls.append(AttentionCall(q.shape[0] * q.shape[1] * q.shape[-1], q.shape[-2], k.shape[-2]))
+            self.call_blocks.append(self.block)
         return func(*args, **kwargs)
 
 
@@ -136,11 +158,51 @@ def _projections(model: torch.nn.Module, per_module: dict[str, dict]) -> dict[st
     return out
 
 
+def block_paths(model: torch.nn.Module) -> list[str]:
+    """Module paths of the transformer blocks, numbered as the runtime numbers them (the model
+    adapter's containers in execution order); empty for a model no adapter knows."""
+    from asymrnr_fx.models import UnsupportedModelError, adapter_for_classes
+
+    try:
+        adapter = adapter_for_classes({type(m) for m in model.modules()})
+    except UnsupportedModelError:
+        return []
+    return [f"{name}.{i}" for name, _ in adapter.block_containers for i in range(len(getattr(model, name)))]
+
+
+def _block_hooks(model: torch.nn.Module, paths: list[str], recorder: _RecordAttention) -> list:
+    """Forward hooks that tell `recorder` which block is running."""
+    handles = []
+    for i, path in enumerate(paths):
+        block = model.get_submodule(path)
+        handles.append(block.register_forward_pre_hook(lambda *_, i=i: setattr(recorder, "block", i)))
+        handles.append(block.register_forward_hook(lambda *_: setattr(recorder, "block", None)))
+    return handles
+
+
+def _per_block(model: torch.nn.Module, paths: list[str], counts: dict[str, dict],
+               recorder: _RecordAttention) -> tuple[int, ...]:
+    """Dense FLOPs of each block: its counted operations plus the attention recorded inside it."""
+    prefix = type(model).__name__ + "."
+    out = []
+    for i, path in enumerate(paths):
+        counted = sum(v for op, v in counts.get(prefix + path, {}).items() if "attention" not in str(op))
+        attention = sum(a.flops for a, b in zip(recorder.calls, recorder.call_blocks) if b == i)
+        out.append(int(counted + attention))
+    return tuple(out)
+
+
 def count_call(model: torch.nn.Module, fn: Callable[[], object]) -> CallFlops:
     """Run `fn` (one eager dense call of `model`) once and count its FLOPs."""
-    recorder = _RecordAttention()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter, recorder:
-        fn()
+    recorder, paths = _RecordAttention(), block_paths(model)
+    handles = _block_hooks(model, paths, recorder)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, recorder:
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
     counts = counter.get_flop_counts()
     linear = sum(v for op, v in counts.get("Global", {}).items() if "attention" not in str(op))
-    return CallFlops(int(linear), tuple(recorder.calls), _projections(model, counts))
+    return CallFlops(int(linear), tuple(recorder.calls), _projections(model, counts), tuple(paths),
+                     _per_block(model, paths, counts, recorder))

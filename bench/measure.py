@@ -10,6 +10,7 @@ import os
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,13 +101,10 @@ class PeakMemory:
 # ---- compilation ---------------------------------------------------------------------------------
 @dataclass
 class CompileStats:
-    """Inductor (or other inner compiler) calls and their seconds, and Dynamo's graph counts."""
+    """Inner-compiler (Inductor or other) calls and their seconds, filled by `timed_backend`."""
 
     compiles: int = 0
     seconds: float = 0.0
-    dynamo_graphs: int = 0
-    recompiles: int = 0
-    reasons: list[str] = field(default_factory=list)
 
 
 def timed_backend(stats: CompileStats, compiler: str = "inductor") -> Callable:
@@ -130,8 +128,37 @@ def timed_backend(stats: CompileStats, compiler: str = "inductor") -> Callable:
     return backend
 
 
+@dataclass
+class DynamoTally:
+    """What Dynamo did for one method, summed over the `DynamoWatch` blocks its calls ran in.
+
+    graphs: Dynamo graphs (one per graph break more); graph_breaks: breaks Dynamo recorded
+    (torch._dynamo.utils.counters["graph_break"]); recompiles: compilations of a Python frame
+    this method had already compiled. Counting per method and frame, not Dynamo's own
+    `recompile_reason`, matters because every method runs in one process: the first compile of a
+    method on a frame another method compiled before carries a BACKEND_MATCH reason, and is no
+    recompilation of this method."""
+
+    graphs: int = 0
+    graph_breaks: int = 0
+    break_reasons: Counter = field(default_factory=Counter)
+    recompiles: int = 0
+    reasons: list[str] = field(default_factory=list)
+    frames: Counter = field(default_factory=Counter)  # (file, line, name) -> compilations
+
+    def watch(self) -> DynamoWatch:
+        return DynamoWatch(self)
+
+
+def _frame(m: Any) -> tuple[Any, Any, Any]:
+    return m.co_filename, m.co_firstlineno, m.co_name
+
+
 class DynamoWatch:
-    """Counts Dynamo graphs (graph breaks included) and recompilations inside a `with` block."""
+    """Adds what Dynamo compiles inside a `with` block to a `DynamoTally`."""
+
+    def __init__(self, tally: DynamoTally) -> None:
+        self.tally = tally
 
     def __enter__(self) -> Self:
         from torch._dynamo import utils
@@ -139,13 +166,21 @@ class DynamoWatch:
         utils.set_compilation_metrics_limit(1 << 14)
         utils.clear_compilation_metrics()
         self._graphs = utils.counters["stats"]["unique_graphs"]
+        self._breaks = Counter(utils.counters["graph_break"])
         return self
 
     def __exit__(self, *exc: object) -> None:
         from torch._dynamo import utils
 
-        self.graphs = utils.counters["stats"]["unique_graphs"] - self._graphs
-        self.reasons = [m.recompile_reason for m in utils.get_compilation_metrics() if m.recompile_reason]
-
-    def fill(self, stats: CompileStats) -> None:
-        stats.dynamo_graphs, stats.recompiles, stats.reasons = self.graphs, len(self.reasons), self.reasons[:5]
+        t = self.tally
+        t.graphs += utils.counters["stats"]["unique_graphs"] - self._graphs
+        new = Counter(utils.counters["graph_break"]) - self._breaks
+        t.graph_breaks += sum(new.values())
+        t.break_reasons.update(new)
+        for m in utils.get_compilation_metrics():
+            if m.compile_id is None:  # an Inductor compile outside any Dynamo frame (our lazy segments)
+                continue
+            if t.frames[_frame(m)]:
+                t.recompiles += 1
+                t.reasons.append(m.recompile_reason or "(no reason recorded)")
+            t.frames[_frame(m)] += 1

@@ -9,6 +9,10 @@ imported or run becomes a row with its error, not a missing row.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import copy
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -17,7 +21,7 @@ from typing import Any
 import torch
 
 import asymrnr_fx
-from asymrnr_fx import AsymRnRConfig
+from asymrnr_fx import AsymRnRConfig, BlockCache, SkipCache
 
 from .flops import symmetric_ratio
 from .measure import CompileStats, timed_backend
@@ -27,7 +31,7 @@ Call = Callable[..., Any]
 ALL_MODES = frozenset({"smoke", "quick", "full"})
 QUICK = frozenset({"quick", "full"})
 FULL = frozenset({"full"})
-FIXTURE = frozenset({"fixture"})
+FIXTURES = frozenset({"fixture", "fixture-50"})  # the trained model: every workload with fidelity
 
 
 @dataclass(frozen=True)
@@ -90,24 +94,29 @@ def prepare_compiled(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx
 
 # ---- ours -------------------------------------------------------------------------------------------
 def asymrnr_config(opts: dict[str, Any], wl: Workload, compiler: str) -> AsymRnRConfig:
-    """Config of one of our rows: a published schedule by label, or constant ratios."""
+    """Config of one of our rows: a published schedule by label, or constant ratios; with the
+    block cache of option "cache" (None: no caching)."""
+    cache = opts.get("cache")
     if "schedule" in opts:
         published = wl.schedules[opts["schedule"]]
         if isinstance(published, str):
             raise FileNotFoundError(published)
         schedule, every = published
-        return AsymRnRConfig(schedule=schedule, matching_every=every, compiler=compiler)
+        return AsymRnRConfig(schedule=schedule, matching_every=every, compiler=compiler, cache=cache)
     if "match_flops_of" in opts:
         h = round(symmetric_ratio(*opts["match_flops_of"]), 4)
-        return AsymRnRConfig(q_ratio=0.0, kv_ratio=0.0, h_ratio=h, compiler=compiler)
-    return AsymRnRConfig(q_ratio=opts.get("q", 0.0), kv_ratio=opts.get("kv", 0.0), compiler=compiler)
+        return AsymRnRConfig(q_ratio=0.0, kv_ratio=0.0, h_ratio=h, compiler=compiler, cache=cache)
+    return AsymRnRConfig(q_ratio=opts.get("q", 0.0), kv_ratio=opts.get("kv", 0.0), compiler=compiler,
+                         cache=cache)
 
 
 def prepare_asymrnr(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx: RunContext) -> Prepared:
     cfg = asymrnr_config(spec.opts, wl, ctx.compiler)
     compiled = asymrnr_fx.compile(model, cfg)
+    rt = compiled.asymrnr
+    rt.num_steps = wl.steps  # the manual loop has no pipeline to tell the cache its last steps
     note = f"h={cfg.h_ratio}" if cfg.h_ratio else ""
-    return Prepared(compiled, runtime=compiled.asymrnr, note=note)
+    return Prepared(compiled, reset=rt.reset, runtime=rt, note=note)
 
 
 # ---- peers: diffusers cache hooks -------------------------------------------------------------------
@@ -129,17 +138,72 @@ def diffusers_config(name: str, params: dict[str, Any], clock: _Clock) -> Any:
     return cls(**params)
 
 
+class _InContext:
+    """Calls `inner` inside `model.cache_context("cond", ...)` with what a diffusers 0.42 pipeline
+    (Wan's) passes: step index, sigma and step count (SeaCache reads them; FlowMatchEuler with shift 1,
+    the fixture's sampler: sigma = t / 1000). `step` counts calls since the last reset."""
+
+    def __init__(self, model: torch.nn.Module, inner: Call, steps: int, clock: _Clock) -> None:
+        self.model, self.inner, self.steps, self.clock, self.step = model, inner, steps, clock, 0
+
+    def __call__(self, **kwargs: Any) -> Any:
+        t = self.clock.t = float(kwargs["timestep"].reshape(-1)[0])
+        where = {"step_index": self.step, "sigma": t / 1000, "num_inference_steps": self.steps}
+        with self.model.cache_context("cond", **where):
+            out = self.inner(**kwargs)
+        self.step += 1
+        return out
+
+    def reset(self) -> None:
+        self.model._reset_stateful_cache()
+        self.step = 0
+
+
+def cogvideox_raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """SeaCache's `raw_vision_callback` for CogVideoX: latents (B, F, C, H, W) -> one (C, F, H, W)
+    per sample (diffusers ships adapters for Wan and Cosmos 3 only)."""
+    return [x.permute(1, 0, 2, 3) for x in kwargs["hidden_states"].unbind(0)]
+
+
+def printed_mag_ratios(text: str, steps: int) -> list[float]:
+    """The list diffusers' MagCache prints after "Calibration Complete" (its only way of handing
+    the calibrated ratios over)."""
+    lines = text.split("Calibration Complete", 1)[-1].splitlines()[1:]
+    for line in lines:
+        if line.strip().startswith("["):
+            ratios = [float(r) for r in ast.literal_eval(line.strip())]
+            if len(ratios) != steps:
+                raise RuntimeError(f"MagCache calibration gave {len(ratios)} ratios for {steps} steps.")
+            return ratios
+    raise RuntimeError("MagCache calibration printed no ratios (has diffusers changed how it reports them?).")
+
+
+def mag_ratios(model: torch.nn.Module, wl: Workload) -> list[float]:
+    """MagCache calibration: one generation of a copy of the eager model with `calibrate=True`
+    (nothing skipped), on the workload's calibration prompt; once per workload."""
+    if "mag_ratios" not in wl.memo:
+        from diffusers import MagCacheConfig
+
+        if wl.calibrate is None:
+            raise ValueError(f"workload {wl.name} has no calibration generation for MagCache.")
+        probe = copy.deepcopy(model)
+        probe.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=wl.steps))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), torch.no_grad():
+            wl.calibrate(_InContext(probe, probe, wl.steps, _Clock()))
+        wl.memo["mag_ratios"] = printed_mag_ratios(printed.getvalue(), wl.steps)
+    return wl.memo["mag_ratios"]
+
+
 def prepare_diffusers(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx: RunContext) -> Prepared:
     opts, clock, stats = spec.opts, _Clock(), CompileStats()
-    model.enable_cache(diffusers_config(opts["config"], opts.get("params", {}), clock))
+    params = dict(opts.get("params", {}))
+    if opts.get("calibrate"):  # MagCache: ratios from its own calibration run, for this step count
+        params.update(mag_ratios=mag_ratios(model, wl), num_inference_steps=wl.steps)
+    model.enable_cache(diffusers_config(opts["config"], params, clock))
     inner = _compile(model, ctx, stats) if spec.compiled else model
-
-    def call(**kwargs: Any) -> Any:
-        clock.t = float(kwargs["timestep"].reshape(-1)[0])
-        with model.cache_context("cond"):  # outside a pipeline the hooks need a named context
-            return inner(**kwargs)
-
-    return Prepared(call, reset=model._reset_stateful_cache, stats=stats)
+    call = _InContext(model, inner, wl.steps, clock)  # outside a pipeline the hooks need a named context
+    return Prepared(call, reset=call.reset, stats=stats)
 
 
 # ---- peers: cache-dit ---------------------------------------------------------------------------------
@@ -183,11 +247,51 @@ RUNNERS: dict[str, Callable[[MethodSpec, torch.nn.Module, Workload, RunContext],
 
 
 def _peer(name: str, kind: str, modes_eager: frozenset[str], modes_compiled: frozenset[str], **opts: Any):
-    """The eager and the torch.compile'd row of one peer configuration (fixture only)."""
+    """The eager and the torch.compile'd row of one peer configuration (fixture workloads only)."""
     return [
-        spec(name, kind, "peer", modes=modes_eager, workloads=FIXTURE, **opts),
-        spec(f"{name} + compile", kind, "peer", compiled=True, modes=modes_compiled, workloads=FIXTURE, **opts),
+        spec(name, kind, "peer", modes=modes_eager, workloads=FIXTURES, **opts),
+        spec(f"{name} + compile", kind, "peer", compiled=True, modes=modes_compiled, workloads=FIXTURES,
+             **opts),
     ]
+
+
+def _fbc(threshold: float, modes_eager: frozenset[str], modes_compiled: frozenset[str]) -> list[MethodSpec]:
+    return _peer(f"diffusers FirstBlockCache t={threshold}", "diffusers", modes_eager, modes_compiled,
+                 config="FirstBlockCacheConfig", params={"threshold": threshold})
+
+
+# Our block caches: (label, config, modes alone, modes composed with q=kv=0.3, with the published base).
+# SkipCache's bands are the scheduler's timesteps (the fixture's run from 1000 down to 1); blocks=1
+# computes the first and the last of the fixture's 4 blocks on a cached step.
+CACHES: list[tuple[str, BlockCache | SkipCache, frozenset[str], frozenset[str], frozenset[str]]] = [
+    ("BlockCache t=0.05", BlockCache(threshold=0.05), FULL, FULL, FULL),
+    ("BlockCache t=0.1", BlockCache(threshold=0.1), QUICK, FULL, FULL),
+    ("BlockCache t=0.2", BlockCache(threshold=0.2), ALL_MODES, FULL, FULL),
+    ("BlockCache t=0.3", BlockCache(threshold=0.3), FULL, FULL, FULL),
+    ("BlockCache t=0.4", BlockCache(threshold=0.4), FULL, FULL, FULL),
+    ("BlockCache accumulated t=0.1", BlockCache(threshold=0.1, policy="accumulated"), FULL, FULL, FULL),
+    ("BlockCache accumulated t=0.2", BlockCache(threshold=0.2, policy="accumulated"), FULL, FULL, FULL),
+    ("BlockCache accumulated t=0.4", BlockCache(threshold=0.4, policy="accumulated"), FULL, FULL, FULL),
+    ("SkipCache N2-700-50", SkipCache(interval=2, full_above=700, full_below=50, blocks=1),
+     ALL_MODES, ALL_MODES, FULL),
+    ("SkipCache N3-700-50", SkipCache(interval=3, full_above=700, full_below=50, blocks=1), FULL, FULL,
+     FULL),
+]
+
+
+def _ours_cached() -> list[MethodSpec]:
+    """Each block cache alone, + constant q=kv=0.3, + the published base schedule (fixtures only)."""
+    out = []
+    for label, cache, alone, constant, published in CACHES:
+        out += [
+            spec(f"asymrnr {label}", "asymrnr", "ours", compiled=True, modes=alone, workloads=FIXTURES,
+                 cache=cache),
+            spec(f"asymrnr {label} + q=0.3 kv=0.3", "asymrnr", "ours", compiled=True, modes=constant,
+                 workloads=FIXTURES, cache=cache, q=0.3, kv=0.3),
+            spec(f"asymrnr {label} + published base", "asymrnr", "ours", compiled=True, modes=published,
+                 workloads=FIXTURES, cache=cache, schedule="base"),
+        ]
+    return out
 
 
 TAYLORSEER_ATTN1 = {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1,
@@ -202,6 +306,8 @@ METHODS: list[MethodSpec] = [
     spec("asymrnr published fast", "asymrnr", "ours", compiled=True, core=True, schedule="fast"),
     spec("asymrnr q=0.5 kv=0.3", "asymrnr", "ours", compiled=True, modes=ALL_MODES, core=True, q=0.5, kv=0.3),
     spec("asymrnr q=0.25 kv=0.25", "asymrnr", "ours", compiled=True, modes=FULL, q=0.25, kv=0.25),
+    spec("asymrnr q=0.3 kv=0.3", "asymrnr", "ours", compiled=True, modes=QUICK, workloads=FIXTURES, q=0.3,
+         kv=0.3),
     spec("asymrnr q=0.5 kv=0.5", "asymrnr", "ours", compiled=True, modes=FULL, q=0.5, kv=0.5),
     spec("asymrnr q=0.7 kv=0.5", "asymrnr", "ours", compiled=True, modes=FULL, q=0.7, kv=0.5),
     spec("asymrnr q-only 0.5", "asymrnr", "ours", compiled=True, q=0.5),
@@ -210,11 +316,20 @@ METHODS: list[MethodSpec] = [
          match_flops_of=(0.5, 0.3)),
     spec("symmetric (ToMe-style), attention FLOPs of q0.5/kv0.5", "asymrnr", "ours", compiled=True, modes=FULL,
          match_flops_of=(0.5, 0.5)),
+    # ours with feature caching (trained fixture only, as the peers: skip decisions need trained weights)
+    *_ours_cached(),
     # peers (trained fixture only: their skip decisions mean nothing on random weights)
-    *_peer("diffusers FirstBlockCache t=0.05", "diffusers", FULL, FULL, config="FirstBlockCacheConfig",
-           params={"threshold": 0.05}),
-    *_peer("diffusers FirstBlockCache t=0.2", "diffusers", ALL_MODES, QUICK, config="FirstBlockCacheConfig",
-           params={"threshold": 0.2}),
+    *_fbc(0.05, FULL, FULL),
+    *_fbc(0.1, FULL, FULL),
+    *_fbc(0.2, ALL_MODES, QUICK),
+    *_fbc(0.4, FULL, FULL),
+    *_fbc(0.6, FULL, FULL),
+    *_peer("diffusers MagCache (calibrated)", "diffusers", ALL_MODES, QUICK, config="MagCacheConfig",
+           calibrate=True,
+           note="defaults; mag_ratios from one calibrate=True eager generation at the same step count"),
+    *_peer("diffusers SeaCache (defaults)", "diffusers", ALL_MODES, QUICK, config="SeaCacheConfig",
+           params={"raw_vision_callback": cogvideox_raw_vision},
+           note="defaults; raw_vision_callback: the CogVideoX latents, (C, F, H, W) per sample"),
     *_peer("diffusers PyramidAttentionBroadcast", "diffusers", QUICK, FULL, config="PyramidAttentionBroadcastConfig",
            params={"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)}),
     *_peer("diffusers FasterCache", "diffusers", QUICK, FULL, config="FasterCacheConfig",

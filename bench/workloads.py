@@ -77,7 +77,10 @@ SCALED = {
 @dataclass
 class Workload:
     """A model, its generation loop and its schedules. `generate(call, i)` runs generation `i`
-    (prompt / seed i) through `call` and returns (frames, latents) when quality is measured."""
+    (prompt / seed i % prompts) through `call` and returns (frames, latents) when quality is
+    measured. `calibrate(call)`: one generation on a prompt and seed no timed generation uses, for
+    methods that calibrate (MagCache); None where no method needs it. `memo`: what such methods
+    computed once per workload (shared by their eager and compiled rows)."""
 
     name: str
     model: torch.nn.Module
@@ -86,8 +89,11 @@ class Workload:
     example_call: Callable[[Call], Any]
     schedules: dict[str, tuple[Schedule, int] | str]
     quality: bool
+    prompts: int = 1
+    calibrate: Callable[[Call], None] | None = None
     describe: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 # ---- schedules ----------------------------------------------------------------------------------
@@ -141,8 +147,11 @@ def schedule_note(pub: Published, blocks: tuple[int, ...], steps: int) -> str:
     if blocks == pub.blocks and steps == pub.steps:
         return f"published schedules used as released ({sum(pub.blocks)} blocks x {pub.steps} steps)"
     every = max(1, round(pub.window * steps / pub.steps))
-    return (f"published {sum(pub.blocks)}x{pub.steps} schedules subsampled to rows {block_rows(pub.blocks, blocks)} "
-            f"and {steps} evenly spaced steps; matching window {pub.window} -> {every}")
+    rows = (f"published {sum(pub.blocks)}x{pub.steps} schedules subsampled to rows "
+            f"{block_rows(pub.blocks, blocks)}")
+    if steps == pub.steps:
+        return f"{rows}, all {steps} steps as released; matching window {pub.window}"
+    return f"{rows} and {steps} evenly spaced steps; matching window {pub.window} -> {every}"
 
 
 # ---- random-weight models -----------------------------------------------------------------------
@@ -216,7 +225,11 @@ def scaled_workload(spec: ScaledSpec, blocks: tuple[int, ...], steps: int, devic
 
 
 # ---- the trained fixture --------------------------------------------------------------------------
-def fixture_workload(steps: int, prompts: int, device: str, dtype: torch.dtype) -> Workload:
+CALIBRATION_SEED = 10_000  # no timed generation uses it (they use seeds 0 .. prompts - 1)
+
+
+def fixture_workload(steps: int, prompts: int, device: str, dtype: torch.dtype,
+                     name: str = "fixture") -> Workload:
     from asymrnr_fx.models import fixture
 
     fx = fixture.load(device=device, dtype=dtype)
@@ -226,20 +239,28 @@ def fixture_workload(steps: int, prompts: int, device: str, dtype: torch.dtype) 
         s = fx.sample(names[i % len(names)], steps=steps, seed=i % len(names), transformer=call)
         return s.frames.float().cpu(), s.latents.float().cpu()
 
+    def calibrate(call: Call) -> None:
+        fx.sample(fixture.PROMPTS[-1], steps=steps, seed=CALIBRATION_SEED, transformer=call)
+
+    calibration = f"'{fixture.PROMPTS[-1]}', seed {CALIBRATION_SEED}"
+
     x = torch.randn(fx.latent_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     text, rope = fx.encode(names[0]), fx.rotary()
     cfg = fx.transformer.config
     blocks, (_, frames, _, height, width) = (cfg.num_layers,), fx.latent_shape
     grid = (frames, height // cfg.patch_size, width // cfg.patch_size)
     return Workload(
-        name="fixture", model=fx.transformer, steps=steps, quality=True, generate=generate,
-        example_call=lambda call: call(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor(
-            [999.0], device=device), image_rotary_emb=rope, return_dict=False),
+        name=name, model=fx.transformer, steps=steps, quality=True, generate=generate, prompts=len(names),
+        calibrate=calibrate, example_call=lambda call: call(
+            hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([999.0], device=device),
+            image_rotary_emb=rope, return_dict=False),
         schedules=published_schedules(COGVIDEOX_2B, blocks, steps),
         describe={"real": "trained fixture (CogVideoX architecture, pixel space)", "scale": "-",
                   "hidden": cfg.num_attention_heads * cfg.attention_head_dim, "heads": cfg.num_attention_heads,
                   "grid": grid, "visual_tokens": grid[0] * grid[1] * grid[2],
                   "text_tokens": cfg.max_text_seq_length, "blocks": str(cfg.num_layers), "steps": str(steps),
                   "prompts": len(names)},
-        notes=["CogVideoX-2B published schedules applied to the fixture: " + schedule_note(COGVIDEOX_2B, blocks, steps)],
+        notes=["CogVideoX-2B published schedules applied to the fixture: "
+               + schedule_note(COGVIDEOX_2B, blocks, steps),
+               f"{len(names)} prompts (seeds 0-{len(names) - 1}); MagCache calibrates on {calibration}"],
     )
