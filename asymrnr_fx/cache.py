@@ -17,14 +17,13 @@ entering block i). A *cached* step runs the head, skips the span and feeds the t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, reject_unknown
 
 BLOCK_POLICIES = ("first_block", "accumulated")
 
@@ -178,12 +177,7 @@ def cache_from_options(opts: dict[str, Any]) -> CacheConfig | None:
     if kind not in CACHE_KINDS:
         raise ConfigError(f"options['cache'] must be one of {sorted(CACHE_KINDS)} or a BlockCache / SkipCache, got {kind!r}.")
     cls = CACHE_KINDS[kind]
-    known = [f.name for f in dataclasses.fields(cls)]
-    for name in fields:
-        if name not in known:
-            near = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean 'cache_{near[0]}'?" if near else ""
-            raise ConfigError(f"unknown option 'cache_{name}' for cache={kind!r}.{hint} Valid: {['cache_' + k for k in known]}.")
+    reject_unknown(fields, [f.name for f in dataclasses.fields(cls)], prefix="cache_", where=f" for cache={kind!r}")
     return cls(**fields)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from torch._dynamo.exc import ShortenTraceback
 
 from .cache import BlockCache, SkipCache, cache_from_options, check_cache
-from .errors import ConfigError
+from .errors import ConfigError, reject_unknown
 from .schedule import Schedule
 
 DISTANCES = ("euclidean", "cosine")
@@ -173,9 +172,4 @@ class AsymRnRConfig:
 
 
 def _reject_unknown(opts: dict[str, Any]) -> None:
-    known = [f.name for f in dataclasses.fields(AsymRnRConfig)]
-    for key in opts:
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"unknown asymrnr option {key!r}.{hint} Valid options: {', '.join(known)}.")
+    reject_unknown(opts, [f.name for f in dataclasses.fields(AsymRnRConfig)])
