@@ -31,6 +31,7 @@ Call = Callable[..., Any]
 ALL_MODES = frozenset({"smoke", "quick", "full"})
 QUICK = frozenset({"quick", "full"})
 FULL = frozenset({"full"})
+NEVER: frozenset[str] = frozenset()
 FIXTURES = frozenset({"fixture", "fixture-50"})  # the trained model: every workload with fidelity
 
 
@@ -269,9 +270,15 @@ CACHES: list[tuple[str, BlockCache | SkipCache, frozenset[str], frozenset[str], 
     ("BlockCache t=0.2", BlockCache(threshold=0.2), ALL_MODES, FULL, FULL),
     ("BlockCache t=0.3", BlockCache(threshold=0.3), FULL, FULL, FULL),
     ("BlockCache t=0.4", BlockCache(threshold=0.4), FULL, FULL, FULL),
+    # alone only: thresholds that fill the gaps of the 2026-11-23 run (peers at 45 dB and at 2.3-2.6x)
+    ("BlockCache t=0.07", BlockCache(threshold=0.07), FULL, NEVER, NEVER),
+    ("BlockCache t=0.08", BlockCache(threshold=0.08), FULL, NEVER, NEVER),
+    ("BlockCache t=0.5", BlockCache(threshold=0.5), FULL, NEVER, NEVER),
+    ("BlockCache t=0.6", BlockCache(threshold=0.6), FULL, NEVER, NEVER),
     ("BlockCache accumulated t=0.1", BlockCache(threshold=0.1, policy="accumulated"), FULL, FULL, FULL),
     ("BlockCache accumulated t=0.2", BlockCache(threshold=0.2, policy="accumulated"), FULL, FULL, FULL),
     ("BlockCache accumulated t=0.4", BlockCache(threshold=0.4, policy="accumulated"), FULL, FULL, FULL),
+    ("BlockCache accumulated t=0.6", BlockCache(threshold=0.6, policy="accumulated"), FULL, NEVER, NEVER),
     ("SkipCache N2-700-50", SkipCache(interval=2, full_above=700, full_below=50, blocks=1),
      ALL_MODES, ALL_MODES, FULL),
     ("SkipCache N3-700-50", SkipCache(interval=3, full_above=700, full_below=50, blocks=1), FULL, FULL,
