@@ -35,7 +35,7 @@ def split_at(gm: fx.GraphModule, cut_names: list[str]) -> tuple[fx.GraphModule, 
     work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     ids = partition_ids(work.graph, set(cut_names))
     top = split_module(work, gm, lambda n: ids[n.name], keep_original_order=True, keep_original_node_name=True)
-    names = sorted((n for n, _ in top.named_children() if n.startswith("submod_")), key=lambda s: int(s[7:]))
+    names = _submodule_names(top)
     firsts = {}
     for node in work.graph.nodes:
         if node.op not in ("placeholder", "output"):
@@ -53,8 +53,12 @@ def split_groups(top: fx.GraphModule, group_of: dict[str, int]) -> tuple[fx.Grap
         return group_of[node.target]
 
     outer = split_module(top, top, group, keep_original_order=True, keep_original_node_name=True)
-    names = sorted((n for n, _ in outer.named_children() if n.startswith("submod_")), key=lambda s: int(s[7:]))
-    return outer, names
+    return outer, _submodule_names(outer)
+
+
+def _submodule_names(top: fx.GraphModule) -> list[str]:
+    """`submod_<k>` children of a split_module result, k ascending."""
+    return sorted((n for n, _ in top.named_children() if n.startswith("submod_")), key=lambda s: int(s[7:]))
 
 
 def _describe(node: fx.Node, index: dict[str, int]) -> str:
