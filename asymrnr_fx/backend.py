@@ -23,6 +23,7 @@ import torch
 from torch import fx
 
 from . import span, tokens
+from .cache import BlockCache
 from .config import AsymRnRConfig, BackendConfigError, ConfigError
 from .models.adapter import UnsupportedModelError, adapter_for_classes
 from .passes import blocks, segment, sites
@@ -256,22 +257,24 @@ def _reducer(sub: fx.GraphModule, rt: AsymRnRRuntime, found: Any, grid: tokens.G
     return AsymmetricReducer(sub, rt, site, grid) if points is None else SymmetricReducer(sub, rt, site, points, grid)
 
 
-def _block_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -> dict[str, int]:
-    """Cut node -> block it starts (num_blocks: the epilogue), when the block cache is on: at the
-    first block (its input is the signal's reference), the span's first block and the tail's.
-    No other block boundary is cut: each cut costs a compiled wrapper call and lost fusion."""
+def _cache_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -> tuple[dict[str, int], str | None]:
+    """With the block cache on: cut node -> block it starts (num_blocks: the epilogue), at the
+    span's first block and the tail's only (each cut costs a compiled wrapper call and lost
+    fusion), and the name of the signal node inserted into `gm`'s graph (None: no signal)."""
     if cfg.cache is None:
-        return {}
+        return {}, None
     bounds = blocks.find_bounds(gm.graph, info.adapter, info.block_offsets, info.num_blocks)
     a, b = cfg.cache.span(info.num_blocks)
+    signal = blocks.insert_signal(gm.graph, bounds, a) if isinstance(cfg.cache, BlockCache) else None
     starts = [*bounds.starts, bounds.epilogue]
-    return {starts[i]: i for i in sorted({0, a, b}) if starts[i] is not None}
+    return {starts[i]: i for i in (a, b) if starts[i] is not None}, signal
 
 
 def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> fx.GraphModule:
     """Cut at reducible attention calls (and block boundaries for the cache); each piece becomes
     a lazily compiled `_Segment`; with the cache on, the pieces are grouped around its span."""
-    reducers, block_starts = _reduction_cuts(gm, info, rt), _block_cuts(gm, info, cfg)
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Dynamo's graph stays as it was
+    reducers, (block_starts, signal) = _reduction_cuts(gm, info, rt), _cache_cuts(gm, info, cfg)
     top, names, firsts = segment.split_at(gm, [*reducers, *block_starts])
     block, part_blocks = -1, {}  # -1: the prologue
     for k, name in enumerate(names):
@@ -287,7 +290,7 @@ def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig
     rt.stats["segments"] = len(names)
     if cfg.cache is None:
         return top
-    return span.wrap(top, part_blocks, cfg.cache, info.num_blocks, rt)
+    return span.wrap(top, part_blocks, cfg.cache, info.num_blocks, rt, signal)
 
 
 def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:

@@ -8,8 +8,8 @@ guard on it, so caching adds neither graph breaks nor recompiles.
 
 Streams: the span's outputs (the values its blocks hand to the tail) are paired with the span's
 inputs that nothing after the span reads (the values they replace), by shape, dtype and device,
-on the first full step. The visual stream is the largest pair; the head's residual on it is the
-adaptive policy's signal.
+on the first full step. The adaptive policy's signal, the head's residual on the visual stream,
+is computed inside the compiled head and handed to the span as an input (`blocks.insert_signal`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import fx
 
 from . import cache
+from .models.adapter import UnsupportedModelError
 from .passes import segment
 
 
@@ -47,26 +48,15 @@ def _pair(outputs: Sequence[Any], inputs: Sequence[Any], candidates: list[int]) 
     return pairs
 
 
-class HeadProbe:
-    """The head blocks' group: keeps its stream inputs of the current call (the signal's S_0)."""
-
-    def __init__(self, gm: fx.GraphModule, positions: list[int]) -> None:
-        self.gm, self.positions = gm, positions
-        self.inputs: list[torch.Tensor] = []
-
-    def __call__(self, *args: Any) -> Any:
-        self.inputs = [args[i] for i in self.positions]
-        return self.gm(*args)
-
-
 class CachedSpan:
-    """The span's group: computes it and stores its residuals, or reuses them."""
+    """The span's group: computes it and stores its residuals, or reuses them. `signal`: the
+    position among its inputs of the head's residual on the visual stream (None: no signal)."""
 
     def __init__(self, gm: fx.GraphModule, config: cache.CacheConfig, rt: Any, bounds: tuple[int, int],
-                 positions: list[int], head: HeadProbe) -> None:
-        self.gm, self.config, self.rt, self.bounds, self.positions, self.head = gm, config, rt, bounds, positions, head
+                 positions: list[int], signal: int | None) -> None:
+        self.gm, self.config, self.rt, self.bounds, self.positions = gm, config, rt, bounds, positions
+        self.signal = signal
         self.pairs: list[int] | None = None  # output j <- input pairs[j]
-        self.visual: tuple[int, int] | None = None  # (input position, head input index) of the signal
         self.as_tuple = True
         self.disabled = ""
 
@@ -74,19 +64,11 @@ class CachedSpan:
         ctx = self.rt.state
         if ctx.cache is None:
             ctx.cache = cache.SpanState()
-        head_inputs, self.head.inputs = self.head.inputs, []
-        signal = self._signal(args, head_inputs)
+        signal = args[self.signal] if self.signal is not None else None
         change = self._change(ctx.cache, signal)
         if change is None:
-            return self._compute(args, ctx.cache, signal, head_inputs)
+            return self._compute(args, ctx.cache, signal)
         return self._reuse(args, ctx, signal, change)
-
-    def _signal(self, args: Sequence[Any], head_inputs: list[torch.Tensor]) -> torch.Tensor | None:
-        """The head's residual on the visual stream, S_a - S_0 (None until the streams are known)."""
-        if self.visual is None or not head_inputs:
-            return None
-        pos, head = self.visual
-        return args[pos] - head_inputs[head]
 
     def _change(self, state: cache.SpanState, signal: torch.Tensor | None) -> float | None:
         """The change to record when this step reuses the span; None: compute it."""
@@ -100,13 +82,11 @@ class CachedSpan:
         change = cache.block_cache_change(cfg, state, signal)
         return change if change < cfg.threshold else None
 
-    def _compute(self, args: Sequence[Any], state: cache.SpanState, signal: torch.Tensor | None,
-                 head_inputs: list[torch.Tensor]) -> Any:
+    def _compute(self, args: Sequence[Any], state: cache.SpanState, signal: torch.Tensor | None) -> Any:
         out = self.gm(*args)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         if self.pairs is None and not self.disabled:
-            self._bind(outs, args, head_inputs)
-            signal = self._signal(args, head_inputs)
+            self._bind(outs, args)
         if not self.disabled:
             cache.record_full(state, [o - args[i] for o, i in zip(outs, self.pairs)], signal)
         self._log(skipped=False)
@@ -120,8 +100,8 @@ class CachedSpan:
         self._log(skipped=True)
         return tuple(outs) if self.as_tuple else outs[0]
 
-    def _bind(self, outs: list[torch.Tensor], args: Sequence[Any], head_inputs: list[torch.Tensor]) -> None:
-        """Pair the span's outputs with the inputs they replace; find the visual stream."""
+    def _bind(self, outs: list[torch.Tensor], args: Sequence[Any]) -> None:
+        """Pair the span's outputs with the inputs they replace."""
         self.pairs = _pair(outs, args, self.positions)
         if self.pairs is None:
             self.disabled = "the span's outputs do not pair with its inputs by shape"
@@ -129,10 +109,6 @@ class CachedSpan:
             warnings.warn(f"asymrnr: block cache off for this graph: {self.disabled}", stacklevel=2)
             return
         self.as_tuple = len(outs) > 1 or isinstance(self.gm.graph.output_node().args[0], (tuple, list))
-        pos = self.pairs[max(range(len(outs)), key=lambda k: outs[k].numel())]
-        key = (args[pos].shape, args[pos].dtype)
-        heads = [k for k, x in enumerate(head_inputs) if (x.shape, x.dtype) == key]
-        self.visual = (pos, heads[0]) if heads else None
 
     def _log(self, skipped: bool) -> None:
         rt, (a, b) = self.rt, self.bounds
@@ -141,20 +117,41 @@ class CachedSpan:
         rt.cache_log[(rt.step, rt.context_key)] = (n - (b - a), b - a) if skipped else (n, 0)
 
 
+def _produced_as(top: fx.GraphModule, name: str) -> str | None:
+    """The `top` node that carries the value of node `name` of a segment's graph out of it."""
+    for call in top.graph.find_nodes(op="call_module"):
+        outs = getattr(top, call.target).gm.graph.output_node().args[0]
+        bases = [o.args[0] if o.op == "call_method" and o.target == "contiguous" else o for o in outs]
+        if name in [b.name for b in bases]:
+            i = [b.name for b in bases].index(name)
+            users = [u for u in call.users if u.op == "call_function" and u.args[1] == i]
+            return users[0].name if users else call.name
+    return None
+
+
+def _signal_position(top: fx.GraphModule, outer: fx.GraphModule, signal: str) -> int | None:
+    """Position among the span group's inputs of the signal node (split_module names each group
+    input after the `top` node that carries it)."""
+    carried = _produced_as(top, signal)
+    inputs = [n.name for n in outer.submod_1.graph.find_nodes(op="placeholder")]
+    return inputs.index(carried) if carried in inputs else None
+
+
 def wrap(top: fx.GraphModule, part_blocks: dict[str, int], config: cache.CacheConfig, num_blocks: int,
-         rt: Any) -> fx.GraphModule:
-    """Group `top`'s segments around the cache's span and put the cache on the span's group."""
+         rt: Any, signal: str | None) -> fx.GraphModule:
+    """Group `top`'s segments around the cache's span and put the cache on the span's group;
+    `signal` names the node (an input of the span) holding the adaptive policy's signal."""
     a, b = config.span(num_blocks)
 
     def group(block: int) -> int:
-        return 0 if block < 0 else 1 if block < a else 2 if block < b else 3
+        return 0 if block < a else 1 if block < b else 2
 
     outer, _ = segment.split_groups(top, {name: group(blk) for name, blk in part_blocks.items()})
-    head_gm, span_gm = outer.submod_1, outer.submod_2
-    head = HeadProbe(head_gm, _span_only_inputs(outer, "submod_1"))
-    span = CachedSpan(span_gm, config, rt, (a, b), _span_only_inputs(outer, "submod_2"), head)
-    for name, obj in (("submod_1", head), ("submod_2", span)):
-        delattr(outer, name)
-        setattr(outer, name, obj)
+    at = _signal_position(top, outer, signal) if signal is not None else None
+    if isinstance(config, cache.BlockCache) and at is None:
+        raise UnsupportedModelError("block cache: no visual stream enters both block 0 and the span")
+    cached = CachedSpan(outer.submod_1, config, rt, (a, b), _span_only_inputs(outer, "submod_1"), at)
+    delattr(outer, "submod_1")
+    outer.submod_1 = cached
     rt.rewrites["cache_spans"] += 1
     return outer

@@ -9,9 +9,12 @@ the block before them.
 
 from __future__ import annotations
 
+import math
+import operator
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from ..models.adapter import ModelAdapter, UnsupportedModelError
@@ -63,3 +66,39 @@ def find_bounds(graph: fx.Graph, adapter: ModelAdapter, offsets: dict[str, int],
     if missing:
         raise UnsupportedModelError(f"blocks {missing} have no node in the traced graph")
     return BlockBounds(tuple(starts[i] for i in range(num_blocks)), after_last)
+
+
+def _value(node: fx.Node) -> tuple | None:
+    ev = node.meta.get("example_value")
+    return (tuple(ev.shape), ev.dtype) if isinstance(ev, torch.Tensor) else None
+
+
+def _entering(graph: fx.Graph, start: str) -> list[fx.Node]:
+    """Computed values defined before node `start` and read at or after it."""
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    at = order[start]
+    return [
+        n for n in graph.nodes
+        if n.op not in ("placeholder", "output") and order[n.name] < at
+        and any(order[u.name] >= at for u in n.users)
+    ]
+
+
+def insert_signal(graph: fx.Graph, bounds: BlockBounds, a: int) -> str | None:
+    """Insert the block cache's signal, the head's residual on the visual stream S_a - S_0, as a
+    node just before block a, and a (free) use of it just inside block a, so that cutting the graph
+    at block a hands it to the span as an input; returns its name, or None (fail closed) when no
+    stream entering block a has the shape of the largest one entering block 0."""
+    first = [n for n in _entering(graph, bounds.starts[0]) if _value(n)]
+    if not first:
+        return None
+    s0 = max(first, key=lambda n: math.prod(_value(n)[0]))
+    later = [n for n in _entering(graph, bounds.starts[a]) if _value(n) == _value(s0) and n is not s0]
+    if not later:
+        return None
+    start = next(n for n in graph.nodes if n.name == bounds.starts[a])
+    with graph.inserting_before(start):
+        signal = graph.call_function(operator.sub, (later[-1], s0))
+    with graph.inserting_after(start):
+        graph.call_method("view_as", (signal, signal))
+    return signal.name
