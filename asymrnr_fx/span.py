@@ -150,7 +150,8 @@ def wrap(top: fx.GraphModule, part_blocks: dict[str, int], config: cache.CacheCo
     at = _signal_position(top, outer, signal) if signal is not None else None
     if isinstance(config, cache.BlockCache) and at is None:
         raise UnsupportedModelError("block cache: no visual stream enters both block 0 and the span")
-    cached = CachedSpan(outer.submod_1, config, rt, (a, b), _span_only_inputs(outer, "submod_1"), at)
+    streams = [i for i in _span_only_inputs(outer, "submod_1") if i != at]  # the signal is no stream
+    cached = CachedSpan(outer.submod_1, config, rt, (a, b), streams, at)
     delattr(outer, "submod_1")
     outer.submod_1 = cached
     rt.rewrites["cache_spans"] += 1

@@ -222,3 +222,19 @@ def test_options_select_the_cache():
     generate(compiled, cogvideox_inputs())
     rt = asymrnr_fx.runtime_of(compiled)
     assert rt.config.cache == BlockCache(threshold=0.3) and rt.stats["cache_hits"] > 0
+
+
+def test_block_cache_equals_diffusers_on_the_trained_fixture():
+    from asymrnr_fx.models import fixture
+
+    fixture_model = fixture.load()
+    prompt = fixture.PROMPTS[1]
+    cfg = cheap(q_ratio=0.0, kv_ratio=0.0, cache=BlockCache(threshold=0.4, full_last=0))
+    ours = asymrnr_fx.compile(fixture_model.transformer, cfg)
+    got = fixture_model.sample(prompt, steps=16, seed=1, transformer=ours).latents
+    peer = fixture.load().transformer
+    peer.enable_cache(FirstBlockCacheConfig(threshold=0.4))
+    with peer.cache_context("cond"):
+        want = fixture_model.sample(prompt, steps=16, seed=1, transformer=peer).latents
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert ours.asymrnr.stats["cache_hits"] >= 8
