@@ -220,7 +220,7 @@ class AsymRnRCompiled:
 
 def _activation_positions(top: fx.GraphModule, name: str) -> list[int]:
     """Inputs of submodule `name` that are produced by other submodules (not graph inputs)."""
-    call = next(n for n in top.graph.nodes if n.op == "call_module" and n.target == name)
+    call = segment.call_of(top, name)
     return [i for i, a in enumerate(call.args) if isinstance(a, fx.Node) and a.op != "placeholder"]
 
 

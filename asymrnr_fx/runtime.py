@@ -102,6 +102,7 @@ class AsymRnRRuntime:
         self.num_steps: int | None = None  # the generation's length, when a pipeline or the user says it
         self._last_t: float | None = None
         self._signature: Any = None
+        self._key: Any = 0  # the current call's context (see `context_key`)
         self._new_generation()
 
     # ---- generations ---------------------------------------------------------------------
@@ -205,7 +206,7 @@ class AsymRnRRuntime:
     @property
     def context_key(self) -> Any:
         """The current call's context: its name, or its position in the step (0, 1, ...)."""
-        return getattr(self, "_key", 0)
+        return self._key
 
     def window(self, block: int | None) -> int:
         """Matching window of a block: steps on which it was computed, over `matching_every`.

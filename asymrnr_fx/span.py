@@ -1,7 +1,7 @@
 """The block cache between compiled segments (FX plumbing; the decisions are in `cache.py`).
 
-The segments of a model are grouped as prologue | head blocks [0, a) | span [a, b) | tail blocks
-[b, n) and epilogue. Each group is a GraphModule calling its segments; the span's group is
+The segments of a model are grouped as prologue and head blocks [0, a) | span [a, b) | tail
+blocks [b, n) and epilogue. Each group is a GraphModule calling its segments; the span's group is
 replaced by `CachedSpan`, which runs it or returns its inputs plus the stored residuals. Every
 decision is taken here, in Python, between compiled code: Dynamo's graph has no break and no
 guard on it, so caching adds neither graph breaks nor recompiles.
@@ -28,7 +28,7 @@ from .passes import segment
 
 def _span_only_inputs(outer: fx.GraphModule, name: str) -> list[int]:
     """Positions of group `name`'s inputs that are computed values read by this group only."""
-    call = next(n for n in outer.graph.nodes if n.op == "call_module" and n.target == name)
+    call = segment.call_of(outer, name)
     return [
         i for i, a in enumerate(call.args)
         if isinstance(a, fx.Node) and a.op != "placeholder" and set(a.users) == {call}
@@ -121,9 +121,9 @@ def _produced_as(top: fx.GraphModule, name: str) -> str | None:
     """The `top` node that carries the value of node `name` of a segment's graph out of it."""
     for call in top.graph.find_nodes(op="call_module"):
         outs = getattr(top, call.target).gm.graph.output_node().args[0]
-        bases = [o.args[0] if o.op == "call_method" and o.target == "contiguous" else o for o in outs]
-        if name in [b.name for b in bases]:
-            i = [b.name for b in bases].index(name)
+        names = [(o.args[0] if o.op == "call_method" and o.target == "contiguous" else o).name for o in outs]
+        if name in names:
+            i = names.index(name)
             users = [u for u in call.users if u.op == "call_function" and u.args[1] == i]
             return users[0].name if users else call.name
     return None

@@ -1,6 +1,6 @@
 """Transformer-block boundaries of a Dynamo graph, from each node's `nn_module_stack`.
 
-Pure analysis: reads the graph, changes nothing. A node belongs to block i when one entry of its
+Analysis, plus one insertion (`insert_signal`, the block cache's signal). A node belongs to block i when one entry of its
 module stack is `{container}.{j}` for a container the adapter names (global index: offset of the
 container + j). Dynamo traces in program order, so every block is a contiguous run of nodes; the
 nodes between two blocks (none in the supported families but a concatenation or two) go with

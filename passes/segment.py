@@ -56,6 +56,11 @@ def split_groups(top: fx.GraphModule, group_of: dict[str, int]) -> tuple[fx.Grap
     return outer, _submodule_names(outer)
 
 
+def call_of(top: fx.GraphModule, name: str) -> fx.Node:
+    """The node of `top`'s graph that calls submodule `name`."""
+    return next(n for n in top.graph.find_nodes(op="call_module") if n.target == name)
+
+
 def _submodule_names(top: fx.GraphModule) -> list[str]:
     """`submod_<k>` children of a split_module result, k ascending."""
     return sorted((n for n, _ in top.named_children() if n.startswith("submod_")), key=lambda s: int(s[7:]))
