@@ -265,7 +265,8 @@ def _cache_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -
         return {}, None
     bounds = blocks.find_bounds(gm.graph, info.adapter, info.block_offsets, info.num_blocks)
     a, b = cfg.cache.span(info.num_blocks)
-    signal = blocks.insert_signal(gm.graph, bounds, a) if isinstance(cfg.cache, BlockCache) else None
+    needs_signal = isinstance(cfg.cache, BlockCache) and cfg.cache.needs_signal
+    signal = blocks.insert_signal(gm.graph, bounds, a) if needs_signal else None
     starts = [*bounds.starts, bounds.epilogue]
     return {starts[i]: i for i in (a, b) if starts[i] is not None}, signal
 

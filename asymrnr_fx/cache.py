@@ -9,6 +9,11 @@ entering block i). A *cached* step runs the head, skips the span and feeds the t
   the last full step decides (policy "first_block", as diffusers FirstBlockCache / ParaAttention
   FBCache), or that change accumulated over the cached steps since the last full one, in the
   spirit of TeaCache / EasyCache (policy "accumulated").
+- `BlockCache(policy="magnitude")` (training-free, calibrated, in the spirit of MagCache): no
+  signal, so no head block is needed (span from block 0). One dense generation records, per
+  step, the mean ratio of the visual residual's token norms to the previous step's; later
+  generations accumulate the product of these ratios since the last full step and reuse the span
+  while the summed distance of that product from 1 stays under the threshold.
 - `SkipCache` (Skip-DiT's Skip-Cache rule, training-free residual form for models without long
   skips): head and tail of `blocks` blocks each; full steps while t >= full_above, once
   t <= full_below, and every `interval`-th step between.
@@ -25,7 +30,8 @@ import torch
 
 from .errors import ConfigError, reject_unknown
 
-BLOCK_POLICIES = ("first_block", "accumulated")
+BLOCK_POLICIES = ("first_block", "accumulated", "magnitude")
+SIGNAL_POLICIES = ("first_block", "accumulated")  # policies that read the head's residual
 
 
 def _check_int(owner: str, name: str, value: Any, low: int) -> None:
@@ -40,19 +46,22 @@ def _check_number(owner: str, name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class BlockCache:
-    """Adaptive block caching. threshold: relative L1 change of the head's residual under which
-    the span is reused; head_blocks / tail_blocks: blocks always computed at each end;
-    full_first / full_last: steps always computed in full at the start / end (the end is known
-    from the pipeline's step count, `callback_on_step_end` or `runtime.num_steps`);
-    max_cached: most consecutive cached steps (0: no limit)."""
+    """Adaptive block caching. threshold: the policy's change under which the span is reused;
+    head_blocks / tail_blocks: blocks always computed at each end (head default: 1 for the
+    signal policies, 0 for "magnitude"); full_first / full_last: steps always computed in full at
+    the start / end (the end is known from the pipeline's step count, `callback_on_step_end` or
+    `runtime.num_steps`); max_cached: most consecutive cached steps (0: no limit); ratios
+    ("magnitude" only): the step-to-step magnitude ratios of a calibration (one per step,
+    `runtime.cache_ratios()`); empty: the first generation runs dense and calibrates."""
 
     threshold: float = 0.08
     policy: str = "first_block"
-    head_blocks: int = 1
+    head_blocks: int | None = None
     tail_blocks: int = 0
     full_first: int = 1
     full_last: int = 1
     max_cached: int = 0
+    ratios: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _check_number("BlockCache", "threshold", self.threshold)
@@ -60,12 +69,32 @@ class BlockCache:
             raise ConfigError(f"BlockCache.threshold must be > 0, got {self.threshold!r}. Use e.g. 0.08.")
         if self.policy not in BLOCK_POLICIES:
             raise ConfigError(f"BlockCache.policy must be one of {BLOCK_POLICIES}, got {self.policy!r}.")
-        _check_int("BlockCache", "head_blocks", self.head_blocks, 1)
+        if self.head_blocks is not None:
+            _check_int("BlockCache", "head_blocks", self.head_blocks, 1 if self.needs_signal else 0)
         for name in ("tail_blocks", "full_first", "full_last", "max_cached"):
             _check_int("BlockCache", name, getattr(self, name), 0)
+        object.__setattr__(self, "ratios", _check_ratios(self.ratios, self.policy))
+
+    @property
+    def needs_signal(self) -> bool:
+        return self.policy in SIGNAL_POLICIES
+
+    @property
+    def head(self) -> int:
+        return self.head_blocks if self.head_blocks is not None else int(self.needs_signal)
 
     def span(self, num_blocks: int) -> tuple[int, int]:
-        return _span(self, self.head_blocks, num_blocks - self.tail_blocks, num_blocks)
+        return _span(self, self.head, num_blocks - self.tail_blocks, num_blocks)
+
+
+def _check_ratios(ratios: Any, policy: str) -> tuple[float, ...]:
+    if not isinstance(ratios, (tuple, list)) or not all(
+        isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in ratios
+    ):
+        raise ConfigError(f"BlockCache.ratios must be positive finite numbers (one per step), got {ratios!r}.")
+    if ratios and policy != "magnitude":
+        raise ConfigError(f"BlockCache.ratios is read by policy='magnitude' only, got policy={policy!r}.")
+    return tuple(float(r) for r in ratios)
 
 
 @dataclass(frozen=True)
@@ -97,7 +126,7 @@ CacheConfig = BlockCache | SkipCache
 
 
 def _span(cfg: CacheConfig, a: int, b: int, num_blocks: int) -> tuple[int, int]:
-    if not 0 < a < b <= num_blocks:
+    if not 0 <= a < b <= num_blocks:
         raise ConfigError(
             f"{cfg} leaves no block to skip in a model of {num_blocks} blocks (span [{a}, {b})). "
             "Compute fewer blocks at the ends."
@@ -110,7 +139,7 @@ class SpanState:
     """One context's cache within one generation. residuals: R per span output; signal: the
     head's residual at the last full step; previous: at the previous step; changed: the change
     accumulated since the last full step; cached: consecutive cached steps; since_full: steps
-    since the last full one."""
+    since the last full one; ratio: the product of magnitude ratios since it ("magnitude")."""
 
     residuals: list[torch.Tensor] | None = None
     signal: torch.Tensor | None = None
@@ -118,6 +147,7 @@ class SpanState:
     changed: float = 0.0
     cached: int = 0
     since_full: int = 0
+    ratio: float = 1.0
 
 
 def relative_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -151,13 +181,50 @@ def block_cache_change(cfg: BlockCache, state: SpanState, signal: torch.Tensor) 
     return state.changed + relative_l1(signal, state.previous)
 
 
+def magnitude_change(state: SpanState, ratio: float) -> tuple[float, float]:
+    """("magnitude") the change since the last full step and the accumulated ratio, given this
+    step's calibrated magnitude ratio: the product of ratios estimates how far the residual has
+    drifted from the cached one, and each step adds its distance from 1 (MagCache's error)."""
+    accumulated = state.ratio * ratio
+    return state.changed + abs(1.0 - accumulated), accumulated
+
+
+def token_norms(residual: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) residual -> (B, N) float32 norms of its token vectors."""
+    return torch.linalg.vector_norm(residual.float(), dim=-1)
+
+
+def norm_ratio(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """One step's magnitude ratio, the mean over tokens of |r_t| / |r_t-1| (MagCache's measure)."""
+    return float((current / (previous + 1e-8)).mean())
+
+
+def ratio_at(ratios: tuple[float, ...], step: int, num_steps: int | None) -> float:
+    """The calibrated ratio of `step` in a generation of `num_steps`. A calibration of another
+    length is resampled: its log-magnitude curve, over the generation's progress in [0, 1], is
+    interpolated linearly at this step and the previous one."""
+    n = len(ratios)
+    if step == 0 or n < 2:
+        return 1.0
+    if num_steps is None or num_steps == n or num_steps < 2:
+        return ratios[min(step, n - 1)]
+    curve = torch.tensor(ratios, dtype=torch.float64).log().cumsum(0)
+
+    def at(u: float) -> float:
+        x = min(max(u, 0.0), 1.0) * (n - 1)
+        i = min(int(x), n - 2)
+        return float(curve[i] + (x - i) * (curve[i + 1] - curve[i]))
+
+    return math.exp(at(step / (num_steps - 1)) - at((step - 1) / (num_steps - 1)))
+
+
 def record_full(state: SpanState, residuals: list[torch.Tensor], signal: torch.Tensor | None) -> None:
     state.residuals, state.signal, state.previous = residuals, signal, signal
-    state.changed, state.cached, state.since_full = 0.0, 0, 1
+    state.changed, state.cached, state.since_full, state.ratio = 0.0, 0, 1, 1.0
 
 
-def record_cached(state: SpanState, signal: torch.Tensor | None, change: float) -> None:
-    state.previous, state.changed = signal, change
+def record_cached(state: SpanState, signal: torch.Tensor | None, change: float, ratio: float = 1.0) -> None:
+    state.previous, state.changed, state.ratio = signal, change, ratio
     state.cached += 1
     state.since_full += 1
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import tokens
+from . import cache, tokens
 from .config import AsymRnRConfig
 from .schedule import Schedule
 
@@ -103,10 +103,13 @@ class AsymRnRRuntime:
         self._last_t: float | None = None
         self._signature: Any = None
         self._key: Any = 0  # the current call's context (see `context_key`)
+        self._calibrating: dict[Any, tuple[torch.Tensor, dict[int, float]]] = {}  # context -> (norms, step -> ratio)
+        self._ratios: dict[Any, tuple[float, ...]] = {}  # a finished calibration, per context
         self._new_generation()
 
     # ---- generations ---------------------------------------------------------------------
     def _new_generation(self) -> None:
+        self._finish_calibration()
         self.step, self._call_in_step, self._hold, self._ended = 0, -1, False, False
         self._last_t, self._signature = None, None
         self._contexts: OrderedDict[Any, ContextState] = OrderedDict()
@@ -213,6 +216,31 @@ class AsymRnRRuntime:
         A step on which the block cache skipped the block neither computes nor ages a matching."""
         skipped = self.state.skipped[block] if block is not None else 0
         return (self.step - skipped) // self.config.matching_every
+
+    # ---- block cache calibration ("magnitude" policy) ------------------------------------------
+    def record_calibration(self, residual: torch.Tensor) -> None:
+        """The span's visual residual at this full step, while the context has no calibration:
+        its magnitude ratio to the previous step's is recorded (one norm per token is kept)."""
+        key = self.context_key
+        if key in self._ratios or (key not in self._calibrating and len(self._calibrating) >= MAX_CONTEXTS):
+            return
+        norms = cache.token_norms(residual)
+        previous, ratios = self._calibrating.get(key, (None, {}))
+        ratios[self.step] = 1.0 if previous is None else cache.norm_ratio(norms, previous)
+        self._calibrating[key] = (norms, ratios)
+
+    def _finish_calibration(self) -> None:
+        """At a generation's end, its recorded ratios become the calibration of each context
+        (kept across generations and resets; at most `MAX_CONTEXTS`)."""
+        for key, (_, by_step) in self._calibrating.items():
+            if len(by_step) >= 2 and (key in self._ratios or len(self._ratios) < MAX_CONTEXTS):
+                self._ratios[key] = tuple(by_step[s] for s in sorted(by_step))
+        self._calibrating = {}
+
+    def cache_ratios(self) -> dict[Any, tuple[float, ...]]:
+        """Calibrated magnitude ratios per context, once a dense generation has finished; pass
+        one to `BlockCache(policy="magnitude", ratios=...)` to skip calibrating in a new process."""
+        return dict(self._ratios)
 
     def memory(self) -> dict[str, Any]:
         """What the runtime holds now: contexts, matchings, plans and cached tensor elements, in

@@ -65,22 +65,29 @@ class CachedSpan:
         if ctx.cache is None:
             ctx.cache = cache.SpanState()
         signal = args[self.signal] if self.signal is not None else None
-        change = self._change(ctx.cache, signal)
-        if change is None:
+        decision = self._decide(ctx.cache, signal)
+        if decision is None:
             return self._compute(args, ctx.cache, signal)
-        return self._reuse(args, ctx, signal, change)
+        return self._reuse(args, ctx, signal, *decision)
 
-    def _change(self, state: cache.SpanState, signal: torch.Tensor | None) -> float | None:
-        """The change to record when this step reuses the span; None: compute it."""
+    def _decide(self, state: cache.SpanState, signal: torch.Tensor | None) -> tuple[float, float] | None:
+        """(change, accumulated magnitude ratio) to record when this step reuses the span; None:
+        compute it."""
         rt, cfg = self.rt, self.config
         if self.disabled or cache.forced_full(cfg, state, rt.step, rt.num_steps):
             return None
         if isinstance(cfg, cache.SkipCache):
-            return 0.0 if cache.skip_cache_decides(cfg, state, rt.timestep) else None
+            return (0.0, 1.0) if cache.skip_cache_decides(cfg, state, rt.timestep) else None
+        if cfg.policy == "magnitude":
+            ratios = cfg.ratios or rt.cache_ratios().get(rt.context_key)
+            if not ratios:
+                return None  # calibrating: this generation runs in full
+            change, ratio = cache.magnitude_change(state, cache.ratio_at(ratios, rt.step, rt.num_steps))
+            return (change, ratio) if change < cfg.threshold else None
         if signal is None or state.signal is None:
             return None
         change = cache.block_cache_change(cfg, state, signal)
-        return change if change < cfg.threshold else None
+        return (change, 1.0) if change < cfg.threshold else None
 
     def _compute(self, args: Sequence[Any], state: cache.SpanState, signal: torch.Tensor | None) -> Any:
         out = self.gm(*args)
@@ -88,13 +95,16 @@ class CachedSpan:
         if self.pairs is None and not self.disabled:
             self._bind(outs, args)
         if not self.disabled:
-            cache.record_full(state, [o - args[i] for o, i in zip(outs, self.pairs)], signal)
+            residuals = [o - args[i] for o, i in zip(outs, self.pairs)]
+            cache.record_full(state, residuals, signal)
+            if isinstance(self.config, cache.BlockCache) and self.config.policy == "magnitude":
+                self.rt.record_calibration(max(residuals, key=torch.Tensor.numel))
         self._log(skipped=False)
         return out
 
-    def _reuse(self, args: Sequence[Any], ctx: Any, signal: torch.Tensor | None, change: float) -> Any:
+    def _reuse(self, args: Sequence[Any], ctx: Any, signal: torch.Tensor | None, change: float, ratio: float) -> Any:
         outs = [args[i] + r for i, r in zip(self.pairs, ctx.cache.residuals)]
-        cache.record_cached(ctx.cache, signal, change)
+        cache.record_cached(ctx.cache, signal, change, ratio)
         for block in range(*self.bounds):
             ctx.skipped[block] += 1
         self._log(skipped=True)
@@ -148,7 +158,7 @@ def wrap(top: fx.GraphModule, part_blocks: dict[str, int], config: cache.CacheCo
 
     outer, _ = segment.split_groups(top, {name: group(blk) for name, blk in part_blocks.items()})
     at = _signal_position(top, outer, signal) if signal is not None else None
-    if isinstance(config, cache.BlockCache) and at is None:
+    if isinstance(config, cache.BlockCache) and config.needs_signal and at is None:
         raise UnsupportedModelError("block cache: no visual stream enters both block 0 and the span")
     streams = [i for i in _span_only_inputs(outer, "submod_1") if i != at]  # the signal is no stream
     cached = CachedSpan(outer.submod_1, config, rt, (a, b), streams, at)

@@ -117,7 +117,21 @@ def prepare_asymrnr(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx:
     rt = compiled.asymrnr
     rt.num_steps = wl.steps  # the manual loop has no pipeline to tell the cache its last steps
     note = f"h={cfg.h_ratio}" if cfg.h_ratio else ""
+    if isinstance(cfg.cache, BlockCache) and cfg.cache.policy == "magnitude" and not cfg.cache.ratios:
+        _calibrate(compiled, rt, wl)
+        note = "calibrated on one dense generation of the calibration prompt (as MagCache)"
     return Prepared(compiled, reset=rt.reset, runtime=rt, note=note)
+
+
+def _calibrate(compiled: Call, rt: asymrnr_fx.AsymRnRRuntime, wl: Workload) -> None:
+    """The "magnitude" policy's calibration: one dense generation (untimed) on the workload's
+    calibration prompt, at the timed runs' step count, as MagCache's calibrate=True run."""
+    if wl.calibrate is None:
+        raise ValueError(f"workload {wl.name} has no calibration generation for the magnitude policy.")
+    wl.calibrate(compiled)
+    rt.reset()
+    if not rt.cache_ratios():
+        raise RuntimeError("the magnitude policy's calibration recorded no ratios.")
 
 
 # ---- peers: diffusers cache hooks -------------------------------------------------------------------

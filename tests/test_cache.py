@@ -4,6 +4,9 @@ graph break, no recompile and state that does not grow."""
 
 from __future__ import annotations
 
+import ast
+import math
+
 import pytest
 import torch
 from conftest import (
@@ -15,7 +18,7 @@ from conftest import (
     tiny_cogvideox_pipeline,
     tiny_hunyuan,
 )
-from diffusers.hooks import FirstBlockCacheConfig
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
 
 import asymrnr_fx
 from asymrnr_fx import AsymRnRConfig, BlockCache, ConfigError, SkipCache
@@ -59,6 +62,63 @@ def test_block_cache_on_hunyuan_video_equals_diffusers():
     for g, w in zip(generate(ours, x), want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert ours.asymrnr.stats["cache_hits"] > 0
+
+
+def _printed_ratios(text: str) -> list[float]:
+    """The list diffusers' MagCache prints after its calibration run."""
+    line = next(ln for ln in text.split("Calibration Complete", 1)[1].splitlines() if ln.startswith("["))
+    return [float(r) for r in ast.literal_eval(line)]
+
+
+def test_magnitude_calibration_equals_diffusers_mag_cache_calibration(capsys):
+    x = cogvideox_inputs()
+    peer = tiny_cogvideox(num_layers=4)
+    peer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=len(TIMESTEPS)))
+    with peer.cache_context("cond"):
+        want = generate(peer, x)
+    peer_ratios = _printed_ratios(capsys.readouterr().out)
+    ours = asymrnr_fx.compile(tiny_cogvideox(num_layers=4), cheap(q_ratio=0.0, kv_ratio=0.0,
+                                                                  cache=BlockCache(policy="magnitude")))
+    got = generate(ours, x)  # the calibration generation runs dense
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    rt = ours.asymrnr
+    assert rt.stats["cache_hits"] == 0 and rt.cache_ratios() == {}  # finished at the generation's end
+    rt.reset()
+    assert rt.cache_ratios()[0] == pytest.approx(peer_ratios, rel=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.2])
+def test_magnitude_policy_equals_diffusers_mag_cache(threshold):
+    """Given the same ratios, our decisions and outputs are MagCache's (retention = full_first,
+    max_skip_steps = max_cached, no forced last step); the span is every block (no head)."""
+    x, n = cogvideox_inputs(), len(TIMESTEPS)
+    ratios = [1.0, 1.02, 0.99, 1.05, 0.96, 1.01, 1.08, 0.9, 1.1, 0.95]
+    peer = tiny_cogvideox(num_layers=4)
+    peer.enable_cache(MagCacheConfig(threshold=threshold, max_skip_steps=3, retention_ratio=0.2,
+                                     num_inference_steps=n, mag_ratios=ratios))
+    with peer.cache_context("cond"):
+        want = generate(peer, x)
+    cache = BlockCache(policy="magnitude", threshold=threshold, full_first=2, full_last=0, max_cached=3,
+                       ratios=tuple(ratios))
+    ours = asymrnr_fx.compile(tiny_cogvideox(num_layers=4), cheap(q_ratio=0.0, kv_ratio=0.0, cache=cache),
+                              fullgraph=True)
+    for g, w in zip(generate(ours, x), want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    rt = ours.asymrnr
+    assert rt.stats["cache_hits"] > 0 and rt.stats["cache_misses"] > 2
+    assert {v for v in rt.cache_log.values()} == {(4, 0), (0, 4)}  # a cached step runs no block
+    assert rt.rewrites["cache_spans"] == 1 and "signal" not in str(rt.rewrites)
+
+
+def test_magnitude_ratios_resample_to_another_step_count():
+    from asymrnr_fx import cache
+
+    ratios = (1.0,) + (0.9,) * 9  # magnitude 0.9 ** k over 10 steps
+    assert cache.ratio_at(ratios, 4, 10) == 0.9 and cache.ratio_at(ratios, 0, 20) == 1.0
+    # over 19 steps each step covers half a calibrated step: sqrt(0.9); the product is kept
+    assert cache.ratio_at(ratios, 7, 19) == pytest.approx(math.sqrt(0.9))
+    assert math.prod(cache.ratio_at(ratios, s, 19) for s in range(19)) == pytest.approx(0.9 ** 9)
 
 
 class _EagerSpan(torch.nn.Module):
@@ -195,6 +255,9 @@ def test_no_cache_is_the_unchanged_backend():
         (lambda: BlockCache(threshold=0.0), "BlockCache.threshold must be > 0, got 0.0"),
         (lambda: BlockCache(policy="teacache"), "BlockCache.policy must be one of"),
         (lambda: BlockCache(head_blocks=0), "BlockCache.head_blocks must be an int >= 1, got 0"),
+        (lambda: BlockCache(ratios=(1.0, 0.9)), "BlockCache.ratios is read by policy='magnitude' only"),
+        (lambda: BlockCache(policy="magnitude", ratios=(1.0, -1.0)), "BlockCache.ratios must be positive"),
+        (lambda: BlockCache(policy="magnitude", head_blocks=-1), "BlockCache.head_blocks must be an int >= 0"),
         (lambda: SkipCache(interval=0), "SkipCache.interval must be an int >= 1, got 0"),
         (lambda: SkipCache(full_above=50.0, full_below=700.0), "must be below full_above"),
         (lambda: AsymRnRConfig(cache="block"), "cache must be asymrnr_fx.BlockCache"),
