@@ -293,6 +293,11 @@ CACHES: list[tuple[str, BlockCache | SkipCache, frozenset[str], frozenset[str], 
     ("BlockCache accumulated t=0.2", BlockCache(threshold=0.2, policy="accumulated"), FULL, FULL, FULL),
     ("BlockCache accumulated t=0.4", BlockCache(threshold=0.4, policy="accumulated"), FULL, FULL, FULL),
     ("BlockCache accumulated t=0.6", BlockCache(threshold=0.6, policy="accumulated"), FULL, NEVER, NEVER),
+    # calibrated (MagCache's rule, no head block): ff = full_first, mc = max_cached
+    *[(f"BlockCache magnitude t={t} ff={ff}" + (f" mc={mc}" if mc else ""),
+       BlockCache(policy="magnitude", threshold=t, full_first=ff, max_cached=mc), FULL, both, NEVER)
+      for t, ff, mc, both in ((0.05, 10, 0, NEVER), (0.06, 10, 3, NEVER), (0.1, 10, 2, NEVER),
+                              (1.0, 10, 3, NEVER), (0.3, 6, 4, NEVER), (1.0, 4, 5, FULL))],
     ("SkipCache N2-700-50", SkipCache(interval=2, full_above=700, full_below=50, blocks=1),
      ALL_MODES, ALL_MODES, FULL),
     ("SkipCache N3-700-50", SkipCache(interval=3, full_above=700, full_below=50, blocks=1), FULL, FULL,
