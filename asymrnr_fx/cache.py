@@ -2,7 +2,10 @@
 
 The model's blocks are split into head [0, a), span [a, b) and tail [b, n). A *full* step runs
 every block and stores, per residual stream, the span's residual R = S_b - S_a (S_i: the stream
-entering block i). A *cached* step runs the head, skips the span and feeds the tail S_a + R.
+entering block i). A *cached* step runs the head, skips the span and feeds the tail S_a + R. On
+models with long skip branches (HunyuanDiT, Skip-DiT) a full step stores the deep feature S_b
+itself and a cached step feeds it to the tail, which fuses it with the fresh shallow skips of
+the head (Skip-DiT's Skip-Cache).
 
 - `BlockCache` (training-free, adaptive): head = the first block(s). The signal is the head's
   residual r = S_a - S_0 on the visual stream; the relative L1 change of r against its value at
@@ -136,12 +139,13 @@ def _span(cfg: CacheConfig, a: int, b: int, num_blocks: int) -> tuple[int, int]:
 
 @dataclass
 class SpanState:
-    """One context's cache within one generation. residuals: R per span output; signal: the
+    """One context's cache within one generation. stored: per span output, its residual R (or,
+    on models with long skips, the output itself: the deep feature); signal: the
     head's residual at the last full step; previous: at the previous step; changed: the change
     accumulated since the last full step; cached: consecutive cached steps; since_full: steps
     since the last full one; ratio: the product of magnitude ratios since it ("magnitude")."""
 
-    residuals: list[torch.Tensor] | None = None
+    stored: list[torch.Tensor] | None = None
     signal: torch.Tensor | None = None
     previous: torch.Tensor | None = None
     changed: float = 0.0
@@ -158,7 +162,7 @@ def relative_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def forced_full(cfg: CacheConfig, state: SpanState, step: int, num_steps: int | None) -> bool:
     """Steps that must run in full whatever the signal says."""
-    if state.residuals is None:
+    if state.stored is None:
         return True
     if isinstance(cfg, SkipCache):
         return False
@@ -218,8 +222,8 @@ def ratio_at(ratios: tuple[float, ...], step: int, num_steps: int | None) -> flo
     return math.exp(at(step / (num_steps - 1)) - at((step - 1) / (num_steps - 1)))
 
 
-def record_full(state: SpanState, residuals: list[torch.Tensor], signal: torch.Tensor | None) -> None:
-    state.residuals, state.signal, state.previous = residuals, signal, signal
+def record_full(state: SpanState, stored: list[torch.Tensor], signal: torch.Tensor | None) -> None:
+    state.stored, state.signal, state.previous = stored, signal, signal
     state.changed, state.cached, state.since_full, state.ratio = 0.0, 0, 1, 1.0
 
 

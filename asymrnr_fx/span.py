@@ -2,7 +2,8 @@
 
 The segments of a model are grouped as prologue and head blocks [0, a) | span [a, b) | tail
 blocks [b, n) and epilogue. Each group is a GraphModule calling its segments; the span's group is
-replaced by `CachedSpan`, which runs it or returns its inputs plus the stored residuals. Every
+replaced by `CachedSpan`, which runs it or returns its inputs plus the stored residuals (on a
+model with long skips: the stored outputs, the deep feature of Skip-Cache). Every
 decision is taken here, in Python, between compiled code: Dynamo's graph has no break and no
 guard on it, so caching adds neither graph breaks nor recompiles.
 
@@ -22,6 +23,7 @@ import torch
 from torch import fx
 
 from . import cache
+from .errors import ConfigError
 from .models.adapter import UnsupportedModelError
 from .passes import segment
 
@@ -49,13 +51,14 @@ def _pair(outputs: Sequence[Any], inputs: Sequence[Any], candidates: list[int]) 
 
 
 class CachedSpan:
-    """The span's group: computes it and stores its residuals, or reuses them. `signal`: the
-    position among its inputs of the head's residual on the visual stream (None: no signal)."""
+    """The span's group: computes it and stores its residuals (`outputs`: its outputs), or reuses
+    them. `signal`: the position among its inputs of the head's residual on the visual stream
+    (None: no signal)."""
 
     def __init__(self, gm: fx.GraphModule, config: cache.CacheConfig, rt: Any, bounds: tuple[int, int],
-                 positions: list[int], signal: int | None) -> None:
+                 positions: list[int], signal: int | None, outputs: bool = False) -> None:
         self.gm, self.config, self.rt, self.bounds, self.positions = gm, config, rt, bounds, positions
-        self.signal = signal
+        self.signal, self.outputs = signal, outputs
         self.pairs: list[int] | None = None  # output j <- input pairs[j]
         self.as_tuple = True
         self.disabled = ""
@@ -95,15 +98,22 @@ class CachedSpan:
         if self.pairs is None and not self.disabled:
             self._bind(outs, args)
         if not self.disabled:
-            residuals = [o - args[i] for o, i in zip(outs, self.pairs)]
-            cache.record_full(state, residuals, signal)
+            cache.record_full(state, self._stored(outs, args), signal)
             if isinstance(self.config, cache.BlockCache) and self.config.policy == "magnitude":
-                self.rt.record_calibration(max(residuals, key=torch.Tensor.numel))
+                self.rt.record_calibration(max(state.stored, key=torch.Tensor.numel))
         self._log(skipped=False)
         return out
 
+    def _stored(self, outs: list[torch.Tensor], args: Sequence[Any]) -> list[torch.Tensor]:
+        """What a cached step reuses: residuals (new tensors), or copies of the outputs (a compiled
+        segment's output may be a buffer its next run overwrites: CUDA graphs)."""
+        if self.outputs:
+            return [o.detach().clone() for o in outs]
+        return [o - args[i] for o, i in zip(outs, self.pairs)]
+
     def _reuse(self, args: Sequence[Any], ctx: Any, signal: torch.Tensor | None, change: float, ratio: float) -> Any:
-        outs = [args[i] + r for i, r in zip(self.pairs, ctx.cache.residuals)]
+        stored = ctx.cache.stored
+        outs = list(stored) if self.outputs else [args[i] + r for i, r in zip(self.pairs, stored)]
         cache.record_cached(ctx.cache, signal, change, ratio)
         for block in range(*self.bounds):
             ctx.skipped[block] += 1
@@ -111,8 +121,8 @@ class CachedSpan:
         return tuple(outs) if self.as_tuple else outs[0]
 
     def _bind(self, outs: list[torch.Tensor], args: Sequence[Any]) -> None:
-        """Pair the span's outputs with the inputs they replace."""
-        self.pairs = _pair(outs, args, self.positions)
+        """Pair the span's outputs with the inputs they replace (outputs stored: no pairing)."""
+        self.pairs = [] if self.outputs else _pair(outs, args, self.positions)
         if self.pairs is None:
             self.disabled = "the span's outputs do not pair with its inputs by shape"
             self.rt.stats["cache_disabled"] += 1
@@ -161,7 +171,14 @@ def wrap(top: fx.GraphModule, part_blocks: dict[str, int], config: cache.CacheCo
     if isinstance(config, cache.BlockCache) and config.needs_signal and at is None:
         raise UnsupportedModelError("block cache: no visual stream enters both block 0 and the span")
     streams = [i for i in _span_only_inputs(outer, "submod_1") if i != at]  # the signal is no stream
-    cached = CachedSpan(outer.submod_1, config, rt, (a, b), streams, at)
+    outputs = rt.info.adapter.long_skips
+    if outputs and isinstance(config, cache.BlockCache) and config.policy == "magnitude":
+        raise ConfigError(
+            f"BlockCache(policy='magnitude') calibrates on the span's residuals, but {rt.info.adapter.family} "
+            "has long skips and caches the span's output (its deep feature). Use SkipCache() or "
+            "BlockCache(policy='first_block' or 'accumulated')."
+        )
+    cached = CachedSpan(outer.submod_1, config, rt, (a, b), streams, at, outputs)
     delattr(outer, "submod_1")
     outer.submod_1 = cached
     rt.rewrites["cache_spans"] += 1
