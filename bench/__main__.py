@@ -57,7 +57,8 @@ PLANS = {
     "quick": Plan({"fixture": (20, 4)}, {"cogvideox-2b": ((4,), 10), "hunyuanvideo": ((1, 2), 10)}, 2,
                   "inductor", (1000, 2, 5)),
     "full": Plan({"fixture": (20, 10), "fixture-50": (50, 3)}, {"cogvideox-2b": ((30,), 50),
-                 "hunyuanvideo": ((20, 40), 30)}, 3, "inductor", (4096, 6, 7), scaled_core_only=False),
+                 "hunyuanvideo": ((20, 40), 30), "wan2.1-1.3b": ((30,), 50)}, 3, "inductor", (4096, 6, 7),
+                 scaled_core_only=False),
 }
 
 
@@ -72,8 +73,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--workloads", default="",
-                   help="comma-separated subset: fixture,fixture-50,cogvideox-2b,hunyuanvideo "
-                        "(fixture-50: full mode)")
+                   help="comma-separated subset: fixture,fixture-50,cogvideox-2b,hunyuanvideo,wan2.1-1.3b "
+                        "(fixture-50, wan2.1-1.3b: full mode)")
     p.add_argument("--methods", default="", help="regex: run only methods whose name matches (dense always runs)")
     p.add_argument("--reps", type=int, default=None,
                    help="timed rounds: generations per method, interleaved across methods (default: by mode)")

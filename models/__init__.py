@@ -4,7 +4,18 @@ transformer-block classes that appear in the traced graph (never by name prefixe
 
 from __future__ import annotations
 
-from . import cogvideox, hunyuan_video  # noqa: F401  (registers the adapters)
+from . import (  # noqa: F401  (registers the adapters)
+    allegro,
+    cogvideox,
+    hunyuan_dit,
+    hunyuan_video,
+    hunyuan_video15,
+    latte,
+    ltx_video,
+    mochi,
+    skyreels_v2,
+    wan,
+)
 from .adapter import ADAPTERS, ModelAdapter, UnsupportedModelError, adapter_for_classes
 
 __all__ = ["ADAPTERS", "ModelAdapter", "UnsupportedModelError", "adapter_for_classes"]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import fx
 
 Grid = tuple[int, int, int]
 
@@ -22,6 +26,19 @@ class ModelAdapter:
     text_first: text tokens precede the video tokens in the joint attention sequence.
     latent_input / timestep_input: forward() argument names.
     patch_weight: module path of the patch embedding weight; grid(latent_shape, weight_shape).
+    graph_grid: instead of the two above, grid(graph) read from the traced graph itself, for
+    families whose forward() takes the grid as Python ints, which Dynamo bakes into the graph
+    (LTX-Video: packed tokens (B, N, C) plus num_frames / height / width).
+    interleaved: the containers' blocks alternate in execution order (Latte: spatial 0, temporal
+    0, spatial 1, ...); blocks are then numbered in that order (spatial j = 2j, temporal j = 2j + 1)
+    and every container must hold the same number of blocks.
+    sequence_axes: (container, axes) for containers whose attention runs over part of the (F, H, W)
+    grid, the other axes folded into the batch: axes "hw" = one sequence per frame (Latte's spatial
+    blocks), "f" = one per position (its temporal blocks). Unlisted containers: "fhw". The first
+    container's axes give the grid the backend reduces on; other sites stay dense.
+    long_skips: blocks of the second half read the outputs of first-half blocks (U-ViT style long
+    skip branches: HunyuanDiT, Skip-DiT models); a cached step then hands the tail the deep
+    feature stored at the last full step, which it fuses with the fresh shallow skips (Skip-Cache).
     """
 
     family: str
@@ -29,14 +46,31 @@ class ModelAdapter:
     block_containers: tuple[tuple[str, type], ...]
     self_attention: tuple[str, ...]
     text_first: bool
-    patch_weight: str
-    grid: Callable[[tuple[int, ...], tuple[int, ...]], Grid]
+    patch_weight: str = ""
+    grid: Callable[[tuple[int, ...], tuple[int, ...]], Grid] | None = None
     latent_input: str = "hidden_states"
     timestep_input: str = "timestep"
+    graph_grid: Callable[[fx.GraphModule], Grid] | None = None
+    interleaved: bool = False
+    sequence_axes: tuple[tuple[str, str], ...] = ()
+    long_skips: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.graph_grid is not None) == bool(self.patch_weight and self.grid):
+            raise ValueError(f"adapter {self.family!r}: give patch_weight and grid, or graph_grid (one of them).")
 
     @property
     def block_classes(self) -> tuple[type, ...]:
         return tuple(cls for _, cls in self.block_containers)
+
+    def axes(self, container: str) -> str:
+        """Grid axes ("f", "h", "w") that one attention sequence of `container`'s blocks runs over."""
+        return dict(self.sequence_axes).get(container, "fhw")
+
+    def sequence_grid(self, grid: Grid, container: str) -> Grid:
+        """The part of the (F, H, W) grid one sequence of `container` covers; 1 on folded axes."""
+        axes = self.axes(container)
+        return tuple(size if axis in axes else 1 for size, axis in zip(grid, "fhw"))
 
 
 ADAPTERS: dict[type, ModelAdapter] = {}

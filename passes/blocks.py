@@ -1,10 +1,10 @@
 """Transformer-block boundaries of a Dynamo graph, from each node's `nn_module_stack`.
 
 Analysis, plus one insertion (`insert_signal`, the block cache's signal). A node belongs to block i when one entry of its
-module stack is `{container}.{j}` for a container the adapter names (global index: offset of the
-container + j). Dynamo traces in program order, so every block is a contiguous run of nodes; the
-nodes between two blocks (none in the supported families but a concatenation or two) go with
-the block before them.
+module stack is `{container}.{j}` for a container the adapter names (global index: `sites.block_number`,
+in execution order, also where containers interleave as in Latte). Dynamo traces in program order,
+so every block is a contiguous run of nodes; the nodes between two blocks (a concatenation, or
+Latte's reshape from per-frame to per-position sequences) go with the block before them.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from ..models.adapter import ModelAdapter, UnsupportedModelError
-from .sites import clean_path
+from .sites import block_number, clean_path
 
 
 @dataclass(frozen=True)
@@ -30,22 +31,30 @@ class BlockBounds:
     epilogue: str | None
 
 
-def _block_patterns(adapter: ModelAdapter, offsets: dict[str, int]) -> list[tuple[re.Pattern, int]]:
-    return [(re.compile(rf"{re.escape(c)}\.(\d+)"), offsets[c]) for c, _ in adapter.block_containers]
+Patterns = list[tuple[re.Pattern, Callable[[int], int]]]
 
 
-def node_block(node: fx.Node, patterns: list[tuple[re.Pattern, int]]) -> int | None:
+def _block_patterns(adapter: ModelAdapter, offsets: dict[str, int]) -> Patterns:
+    """Per container: its block path pattern and the global index of its block j."""
+    def numbering(c: str) -> Callable[[int], int]:
+        return lambda j: block_number(adapter, offsets, c, j)
+
+    return [(re.compile(rf"{re.escape(c)}\.(\d+)"), numbering(c)) for c, _ in adapter.block_containers]
+
+
+def node_block(node: fx.Node, patterns: Patterns) -> int | None:
     """Global block index of `node`, or None outside every block."""
     for source, _ in (node.meta.get("nn_module_stack") or {}).values():
         path = clean_path(source)
-        for pattern, offset in patterns:
+        for pattern, number in patterns:
             if m := pattern.fullmatch(path):
-                return offset + int(m.group(1))
+                return number(int(m.group(1)))
     return None
 
 
 def find_bounds(graph: fx.Graph, adapter: ModelAdapter, offsets: dict[str, int], num_blocks: int) -> BlockBounds:
-    """The first node of every block and of the epilogue; errors if blocks interleave."""
+    """The first node of every block and of the epilogue; errors if blocks run out of their numbered
+    order (interleaved containers are numbered in execution order: see `sites.block_number`)."""
     patterns = _block_patterns(adapter, offsets)
     starts: dict[int, str] = {}
     last_block, after_last = -1, None
@@ -58,7 +67,10 @@ def find_bounds(graph: fx.Graph, adapter: ModelAdapter, offsets: dict[str, int],
                 after_last = node.name
             continue
         if block < last_block or (block != last_block and block in starts):
-            raise UnsupportedModelError(f"block {block} runs after block {last_block}: blocks interleave in the graph")
+            raise UnsupportedModelError(
+                f"block {block} runs after block {last_block}: blocks run out of order (if the containers "
+                "alternate, say so with the adapter's `interleaved`)"
+            )
         if block != last_block:
             starts[block] = node.name
         last_block, after_last = block, None
@@ -84,21 +96,31 @@ def _entering(graph: fx.Graph, start: str) -> list[fx.Node]:
     ]
 
 
+def _streams(graph: fx.Graph, bounds: BlockBounds, a: int) -> tuple[fx.Node, fx.Node] | None:
+    """(S_0, S_a): the largest value entering block 0 that another value of its shape and dtype
+    has replaced by block a (the visual stream). A value that enters both unchanged (a timestep
+    embedding every block reads, as Latte's per-position one, which can outgrow the video stream
+    of a short clip) is no stream."""
+    later = [n for n in _entering(graph, bounds.starts[a]) if _value(n)]
+    pairs = []
+    for s0 in (n for n in _entering(graph, bounds.starts[0]) if _value(n)):
+        same = [n for n in later if _value(n) == _value(s0) and n is not s0]
+        if same:
+            pairs.append((s0, same[-1]))
+    return max(pairs, key=lambda p: math.prod(_value(p[0])[0]), default=None)
+
+
 def insert_signal(graph: fx.Graph, bounds: BlockBounds, a: int) -> str | None:
     """Insert the block cache's signal, the head's residual on the visual stream S_a - S_0, as a
     node just before block a, and a (free) use of it just inside block a, so that cutting the graph
     at block a hands it to the span as an input; returns its name, or None (fail closed) when no
-    stream entering block a has the shape of the largest one entering block 0."""
-    first = [n for n in _entering(graph, bounds.starts[0]) if _value(n)]
-    if not first:
-        return None
-    s0 = max(first, key=lambda n: math.prod(_value(n)[0]))
-    later = [n for n in _entering(graph, bounds.starts[a]) if _value(n) == _value(s0) and n is not s0]
-    if not later:
+    stream entering block 0 has a successor of its shape entering block a."""
+    streams = _streams(graph, bounds, a)
+    if streams is None:
         return None
     start = next(n for n in graph.nodes if n.name == bounds.starts[a])
     with graph.inserting_before(start):
-        signal = graph.call_function(operator.sub, (later[-1], s0))
+        signal = graph.call_function(operator.sub, (streams[1], streams[0]))
     with graph.inserting_after(start):
         graph.call_method("view_as", (signal, signal))
     return signal.name

@@ -71,7 +71,8 @@ def input_names(gm: fx.GraphModule, adapter: ModelAdapter) -> list[str]:
 
 @dataclass(frozen=True)
 class Site:
-    """One attention call. `block` numbers blocks across the adapter's containers."""
+    """One attention call. `block` numbers blocks across the adapter's containers; `grid`: the
+    (F, H, W) grid its visual tokens lie on (1 on axes folded into the batch), None outside blocks."""
 
     index: int
     node_name: str
@@ -79,6 +80,7 @@ class Site:
     block: int | None
     layout: Layout | None
     reason: str  # "" when reducible, else why not
+    grid: Grid | None = None
 
     @property
     def reducible(self) -> bool:
@@ -88,29 +90,42 @@ class Site:
 @dataclass(frozen=True)
 class ModelInfo:
     adapter: ModelAdapter
-    grid: Grid
+    grid: Grid  # the grid the backend reduces on: every reducible site's grid
     num_blocks: int
     timestep_index: int
     latent_index: int
     sites: tuple[Site, ...]
-    block_offsets: dict[str, int]  # first global block index of each container
+    block_offsets: dict[str, int]  # global index of each container's block 0 (see block_number)
 
 
-def _block_of(path: str, adapter: ModelAdapter, offsets: dict[str, int]) -> tuple[int, str] | None:
-    """(global block index, attention name) of a module path inside a known block, else None."""
+def block_number(adapter: ModelAdapter, offsets: dict[str, int], container: str, j: int) -> int:
+    """Global index of block j of `container`, in execution order: container after container, or
+    alternating between containers when the adapter says they interleave."""
+    step = len(adapter.block_containers) if adapter.interleaved else 1
+    return offsets[container] + step * j
+
+
+def _block_of(path: str, adapter: ModelAdapter, offsets: dict[str, int]) -> tuple[int, str, str] | None:
+    """(global block index, attention name, container) of a module path inside a known block."""
     for container, _ in adapter.block_containers:
         if m := re.fullmatch(rf"{container}\.(\d+)\.(\w+)", path):
-            return offsets[container] + int(m.group(1)), m.group(2)
+            return block_number(adapter, offsets, container, int(m.group(1))), m.group(2), container
     return None
 
 
 def _block_offsets(paths: list[str], adapter: ModelAdapter) -> tuple[dict[str, int], int]:
-    offsets, total = {}, 0
+    counts = {}
     for container, _ in adapter.block_containers:
         idx = {int(m.group(1)) for p in paths if (m := re.match(rf"{container}\.(\d+)\.", p))}
-        offsets[container] = total
-        total += max(idx) + 1 if idx else 0
-    return offsets, total
+        counts[container] = max(idx) + 1 if idx else 0
+    if not adapter.interleaved:
+        starts = [sum(list(counts.values())[:i]) for i in range(len(counts))]
+        return dict(zip(counts, starts)), sum(counts.values())
+    if len(set(counts.values())) != 1:
+        raise UnsupportedModelError(
+            f"{adapter.family}: its block containers interleave and must hold as many blocks each; found {counts}."
+        )
+    return {c: i for i, c in enumerate(counts)}, sum(counts.values())
 
 
 def _why_not(node: fx.Node, attn: str, adapter: ModelAdapter, n_visual: int) -> str:
@@ -118,6 +133,8 @@ def _why_not(node: fx.Node, attn: str, adapter: ModelAdapter, n_visual: int) -> 
     q, k = (a[x].meta["example_value"] for x in ("query", "key"))
     if attn not in adapter.self_attention:
         return f"attention module {attn!r} is not self-attention over video"
+    if not all(isinstance(n, int) for n in (*q.shape, *k.shape)):
+        return f"sequence length {q.shape[-2]} depends on the data (e.g. text picked by a mask): plans need a static length"
     if q.dim() != 4 or q.shape[-2] != k.shape[-2]:
         return f"query/key lengths differ ({tuple(q.shape)} vs {tuple(k.shape)}): cross-attention"
     if a["is_causal"] or a["dropout_p"]:
@@ -130,32 +147,56 @@ def _why_not(node: fx.Node, attn: str, adapter: ModelAdapter, n_visual: int) -> 
     return ""
 
 
+def reduction_grid(adapter: ModelAdapter, grid: Grid) -> Grid:
+    """The grid the backend reduces on: that of the first container's sequences."""
+    return adapter.sequence_grid(grid, adapter.block_containers[0][0])
+
+
+def _site_reason(node: fx.Node, where: tuple[int, str, str], adapter: ModelAdapter, grid: Grid) -> str:
+    """Why the site at `where` (block, attention, container) is not reducible, "" if it is."""
+    own, reduced = adapter.sequence_grid(grid, where[2]), reduction_grid(adapter, grid)
+    if own != reduced and where[1] in adapter.self_attention:
+        return (f"its sequences run over grid {own} (axes {adapter.axes(where[2])!r}), not the grid {reduced} "
+                "that this model is reduced on")
+    return _why_not(node, where[1], adapter, own[0] * own[1] * own[2])
+
+
 def find_sites(gm: fx.GraphModule, adapter: ModelAdapter, grid: Grid) -> tuple[list[Site], dict[str, int], int]:
-    """Every SDPA call of the graph, classified; each container's block offset; the block count."""
+    """Every SDPA call of the graph, classified; each container's block offset; the block count.
+    `grid`: the model's whole (F, H, W) latent grid."""
     nodes = [n for n in gm.graph.nodes if is_sdpa(n)]
     paths = [module_path(n) for n in nodes]
     offsets, num_blocks = _block_offsets(paths, adapter)
-    n_visual = grid[0] * grid[1] * grid[2]
     sites = []
     for i, (node, path) in enumerate(zip(nodes, paths)):
         where = _block_of(path, adapter, offsets)
-        reason = "not inside a transformer block" if where is None else _why_not(node, where[1], adapter, n_visual)
-        n_total = sdpa_arguments(node)["query"].meta["example_value"].shape[-2]
-        layout = None if reason else Layout(n_total - n_visual, n_visual, adapter.text_first)
-        sites.append(Site(i, node.name, path, where and where[0], layout, reason))
+        reason = "not inside a transformer block" if where is None else _site_reason(node, where, adapter, grid)
+        own = None if where is None else adapter.sequence_grid(grid, where[2])
+        layout = None if reason else _layout(node, own, adapter)
+        sites.append(Site(i, node.name, path, where and where[0], layout, reason, own))
     return sites, offsets, num_blocks
+
+
+def _layout(node: fx.Node, grid: Grid, adapter: ModelAdapter) -> Layout:
+    n_total = sdpa_arguments(node)["query"].meta["example_value"].shape[-2]
+    n_visual = grid[0] * grid[1] * grid[2]
+    return Layout(n_total - n_visual, n_visual, adapter.text_first)
 
 
 def model_info(gm: fx.GraphModule, adapter: ModelAdapter, example_inputs: list) -> ModelInfo:
     names = input_names(gm, adapter)
-    for needed in (adapter.latent_input, adapter.timestep_input, adapter.patch_weight):
+    weight_input = () if adapter.graph_grid else (adapter.patch_weight,)  # a graph_grid needs no weight
+    for needed in (adapter.latent_input, adapter.timestep_input, *weight_input):
         if needed not in names:
             hint = " Pass the timestep as a tensor: a Python number is baked into the graph." if needed == adapter.timestep_input else ""
             raise UnsupportedModelError(
                 f"{adapter.family}: the traced graph has no input {needed!r}; inputs seen: {names[:6]}...{hint}"
             )
     latent = names.index(adapter.latent_input)
-    weight = example_inputs[names.index(adapter.patch_weight)]
-    grid = adapter.grid(tuple(example_inputs[latent].shape), tuple(weight.shape))
+    if adapter.graph_grid:
+        grid = adapter.graph_grid(gm)
+    else:
+        weight = example_inputs[names.index(adapter.patch_weight)]
+        grid = adapter.grid(tuple(example_inputs[latent].shape), tuple(weight.shape))
     sites, offsets, num_blocks = find_sites(gm, adapter, grid)
-    return ModelInfo(adapter, grid, num_blocks, names.index(adapter.timestep_input), latent, tuple(sites), offsets)
+    return ModelInfo(adapter, reduction_grid(adapter, grid), num_blocks, names.index(adapter.timestep_input), latent, tuple(sites), offsets)

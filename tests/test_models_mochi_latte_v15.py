@@ -1,0 +1,323 @@
+"""Issue 11 families, built tiny from their configs: CogVideoX 1.5 (temporal patches), Latte
+(interleaved spatial / temporal blocks), Mochi and HunyuanVideo 1.5 (data-dependent text
+selection in forward(), which Dynamo cannot keep in one static graph). Cheap inner compiler
+except one Inductor test."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from asymrnr_fx.models.hunyuan_video15 import HUNYUAN_VIDEO15
+from asymrnr_fx.models.mochi import MOCHI
+from asymrnr_fx.passes import sites
+from conftest import run
+from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel, MochiTransformer3DModel
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15Transformer3DModel
+from test_reference import ref_site, reference_attention
+
+import asymrnr_fx
+from asymrnr_fx import AsymRnRConfig, BlockCache, SkipCache
+
+STEPS = [900.0, 850.0, 800.0, 750.0]
+
+
+def cheap(**kw) -> AsymRnRConfig:
+    return AsymRnRConfig(compiler="aot_eager", **kw)
+
+
+def generate(model, inputs, timesteps=STEPS) -> list[torch.Tensor]:
+    """First step warms up; the rest must not recompile."""
+    outs = [run(model, inputs, timesteps[0])]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        outs += [run(model, inputs, t) for t in timesteps[1:]]
+    return outs
+
+
+def baseline(model, inputs, timesteps=STEPS) -> list[torch.Tensor]:
+    compiled = torch.compile(model, backend="aot_eager")
+    return [run(compiled, inputs, t) for t in timesteps]
+
+
+# ---- tiny models --------------------------------------------------------------------------------
+def tiny_cogvideox15(num_layers: int = 2, seed: int = 0) -> CogVideoXTransformer3DModel:
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=16, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9,
+        patch_size=2, patch_size_t=2, max_text_seq_length=4, use_rotary_positional_embeddings=True,
+    ).eval()
+
+
+def cogvideox15_inputs(seed: int = 1) -> dict:
+    """Latent (1, 4 frames, 4, 16, 16) -> grid (2, 8, 8): 128 visual + 4 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(1, 4, 4, 16, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 4, 16, generator=g),
+    }
+
+
+def tiny_latte(num_layers: int = 2, seed: int = 0) -> LatteTransformer3DModel:
+    torch.manual_seed(seed)
+    return LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=16, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        caption_channels=16, video_length=4,
+    ).eval()
+
+
+def latte_inputs(seed: int = 1) -> dict:
+    """Latent (1, 4, 4 frames, 8, 8) -> grid (4, 4, 4): spatial sequences of 16, temporal of 4."""
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(1, 4, 4, 8, 8, generator=g), "encoder_hidden_states": torch.randn(1, 5, 16, generator=g)}
+
+
+def tiny_mochi(seed: int = 0) -> MochiTransformer3DModel:
+    torch.manual_seed(seed)
+    return MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=8,
+    ).eval()
+
+
+def mochi_inputs(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(1, 6)
+    mask[:, :4] = 1
+    return {"hidden_states": torch.randn(1, 4, 3, 16, 16, generator=g),
+            "encoder_hidden_states": torch.randn(1, 6, 16, generator=g), "encoder_attention_mask": mask}
+
+
+def tiny_hunyuan15(seed: int = 0) -> HunyuanVideo15Transformer3DModel:
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+        image_embed_dim=12, rope_axes_dim=(4, 6, 6), target_size=16, task_type="t2v",
+    ).eval()
+
+
+def hunyuan15_inputs(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask, mask_2 = torch.zeros(1, 6), torch.zeros(1, 3)
+    mask[:, :4], mask_2[:, :2] = 1, 1
+    return {"hidden_states": torch.randn(1, 4, 3, 16, 16, generator=g),
+            "encoder_hidden_states": torch.randn(1, 6, 16, generator=g), "encoder_attention_mask": mask,
+            "encoder_hidden_states_2": torch.randn(1, 3, 8, generator=g), "encoder_attention_mask_2": mask_2,
+            "image_embeds": torch.zeros(1, 2, 12)}
+
+
+def dynamo_graphs(model, inputs) -> list[torch.fx.GraphModule]:
+    """The graphs Dynamo hands to a backend for one call."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    run(torch.compile(model, backend=capture, dynamic=False), inputs, 900.0)
+    return graphs
+
+
+def reasons(info) -> list[str]:
+    return [s.reason for s in info.sites]
+
+
+# ---- CogVideoX 1.5 ------------------------------------------------------------------------------
+def test_cogvideox15_sites_follow_the_temporal_patches():
+    compiled = asymrnr_fx.compile(tiny_cogvideox15(), cheap(q_ratio=0.5, kv_ratio=0.3))
+    run(compiled, cogvideox15_inputs(), 900.0)
+    info = compiled.asymrnr.info
+    assert info.grid == (2, 8, 8)  # 4 latent frames / patch_size_t 2
+    assert reasons(info) == ["", ""]
+    assert [s.layout for s in info.sites] == [asymrnr_fx.tokens.Layout(4, 128, True)] * 2
+    assert compiled.asymrnr.rewrites["sites_reduced"] == 2
+
+
+@pytest.mark.parametrize("q,kv,mode", [(0.5, 0.3, "replace"), (0.4, 0.6, "mean")])
+def test_cogvideox15_matches_reference(q, kv, mode):
+    model, inputs = tiny_cogvideox15(), cogvideox15_inputs()
+    cfg = cheap(q_ratio=q, kv_ratio=kv, reduce_mode=mode, split="fixed")
+    got = run(asymrnr_fx.compile(model, cfg), inputs, 900.0)
+    with reference_attention(4 + 128, 4, True, (2, 8, 8), q, kv, "euclidean", mode) as calls:
+        want = run(model, inputs, 900.0)
+    assert len(calls) == 2
+    assert (got - run(model, inputs, 900.0)).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cogvideox15_ratio_zero_equals_baseline_and_generates_without_recompile():
+    model, inputs = tiny_cogvideox15(), cogvideox15_inputs()
+    dense = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0))
+    for got, want in zip(generate(dense, inputs), baseline(model, inputs)):
+        assert torch.equal(got, want)
+    torch._dynamo.reset()
+    reduced = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3, matching_every=2))
+    generate(reduced, inputs)
+    rt = reduced.asymrnr
+    assert rt.step == 3 and rt.stats["matchings"] == 2 * 2 * 2  # 2 windows x 2 sites x (q, v)
+    assert rt.used_lengths[(3, 0)] == {f"transformer_blocks.{i}.attn1": (64, 89) for i in range(2)}
+
+
+@pytest.mark.parametrize("q,kv", [(0.0, 0.0), (0.5, 0.3)])
+def test_cogvideox15_block_cache_skips_blocks(q, kv):
+    model, inputs = tiny_cogvideox15(num_layers=4), cogvideox15_inputs()
+    cfg = cheap(q_ratio=q, kv_ratio=kv, cache=BlockCache(threshold=0.3, full_last=0))
+    compiled = asymrnr_fx.compile(model, cfg)
+    generate(compiled, inputs)
+    rt = compiled.asymrnr
+    assert rt.stats["cache_hits"] > 0 and rt.cache_log[(0, 0)] == (4, 0)
+    assert (1, 3) in rt.cache_log.values()  # head block run, span of 3 skipped
+    assert rt.stats["matchings"] > 0 if q else rt.stats["matchings"] == 0
+
+
+# ---- Latte --------------------------------------------------------------------------------------
+LATTE_SPATIAL = 16  # 4 x 4 patches per frame
+
+
+def test_latte_sites_are_numbered_in_execution_order_and_classified():
+    compiled = asymrnr_fx.compile(tiny_latte(num_layers=3), cheap(q_ratio=0.5, kv_ratio=0.3))
+    run(compiled, latte_inputs(), 900.0)
+    info = compiled.asymrnr.info
+    assert info.grid == (1, 4, 4) and info.num_blocks == 6
+    by_kind = {}
+    for s in info.sites:
+        by_kind.setdefault(s.path.split(".", 2)[0] + "." + s.path.rsplit(".", 1)[1], []).append(s)
+    spatial, cross, temporal = by_kind["transformer_blocks.attn1"], by_kind["transformer_blocks.attn2"], by_kind["temporal_transformer_blocks.attn1"]
+    assert [s.block for s in spatial] == [0, 2, 4] and [s.block for s in temporal] == [1, 3, 5]
+    assert all(s.reducible and s.layout == asymrnr_fx.tokens.Layout(0, LATTE_SPATIAL, False) for s in spatial)
+    assert all("'attn2' is not self-attention" in s.reason for s in cross)
+    assert all("grid (4, 1, 1) (axes 'f')" in s.reason and s.grid == (4, 1, 1) for s in temporal)
+    assert compiled.asymrnr.rewrites["sites_found"] == 9 and compiled.asymrnr.rewrites["sites_reduced"] == 3
+
+
+@contextlib.contextmanager
+def spatial_reference(q_ratio, kv_ratio, mode):
+    """The eager reference at Latte's spatial self-attention only: query and key over the 16
+    patches of one frame (the cross-attention has 5 keys, the temporal one 4 queries)."""
+    original = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def patched(query, key, value, *args, **kwargs):
+        if query.shape[-2] != LATTE_SPATIAL or key.shape[-2] != LATTE_SPATIAL:
+            return original(query, key, value, *args, **kwargs)
+        calls.append(query.shape)
+        return ref_site(query, key, value, None, 0, False, (1, 4, 4), q_ratio, kv_ratio, "euclidean", mode)
+
+    torch.nn.functional.scaled_dot_product_attention = patched
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+@pytest.mark.parametrize("q,kv,mode", [(0.5, 0.3, "replace"), (0.3, 0.5, "mean")])
+def test_latte_matches_reference_per_frame(q, kv, mode):
+    model, inputs = tiny_latte(), latte_inputs()
+    got = run(asymrnr_fx.compile(model, cheap(q_ratio=q, kv_ratio=kv, reduce_mode=mode, split="fixed")), inputs, 900.0)
+    with spatial_reference(q, kv, mode) as calls:
+        want = run(model, inputs, 900.0)
+    assert calls == [torch.Size([4, 2, LATTE_SPATIAL, 8])] * 2  # batch = 4 frames, per spatial block
+    assert (got - run(model, inputs, 900.0)).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_latte_ratio_zero_equals_baseline_and_generates_without_recompile():
+    model, inputs = tiny_latte(), latte_inputs()
+    for got, want in zip(generate(asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0)), inputs), baseline(model, inputs)):
+        assert torch.equal(got, want)
+    torch._dynamo.reset()
+    reduced = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.5, matching_every=2))
+    generate(reduced, inputs)
+    rt = reduced.asymrnr
+    assert rt.step == 3 and rt.stats["matchings"] == 2 * 2 * 2
+    assert rt.used_lengths[(3, 0)] == {f"transformer_blocks.{i}.attn1": (8, 8) for i in range(2)}
+
+
+LATTE_CACHES = [
+    BlockCache(threshold=0.3, head_blocks=2, tail_blocks=2, full_last=0),  # spans whole (spatial, temporal) pairs
+    SkipCache(interval=2, full_above=880.0, full_below=0.0, blocks=2),
+]
+
+
+@pytest.mark.parametrize("rule", LATTE_CACHES, ids=["block", "skip"])
+@pytest.mark.parametrize("q,kv", [(0.0, 0.0), (0.5, 0.3)])
+def test_latte_cache_skips_layer_pairs(rule, q, kv):
+    model, inputs = tiny_latte(num_layers=3), latte_inputs()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=q, kv_ratio=kv, cache=rule))
+    generate(compiled, inputs)
+    rt = compiled.asymrnr
+    assert rt.stats["cache_hits"] > 0 and rt.stats.get("cache_disabled", 0) == 0
+    assert rt.cache_log[(0, 0)] == (6, 0) and (4, 2) in rt.cache_log.values()  # blocks 2, 3 skipped
+    assert rt.state.skipped[2] == rt.state.skipped[3] > 0 and rt.state.skipped[1] == 0
+
+
+def test_latte_cache_must_not_split_a_layer():
+    """Block 1 (temporal) reads per-position sequences: no stream of block 0's shape enters it."""
+    compiled = asymrnr_fx.compile(tiny_latte(), cheap(q_ratio=0.0, kv_ratio=0.0, cache=BlockCache(threshold=0.3)))
+    with pytest.raises(Exception, match="no visual stream enters both block 0 and the span"):
+        run(compiled, latte_inputs(), 900.0)
+
+
+@pytest.mark.inductor
+def test_latte_inductor_end_to_end():
+    model, inputs = tiny_latte(), latte_inputs()
+    cfg = AsymRnRConfig(q_ratio=0.5, kv_ratio=0.3, matching_every=2)
+    compiled = asymrnr_fx.compile(model, cfg)
+    got = generate(compiled, inputs, STEPS[:3])
+    torch._dynamo.reset()
+    cheap_run = generate(asymrnr_fx.compile(tiny_latte(), cheap(q_ratio=0.5, kv_ratio=0.3, matching_every=2)), inputs, STEPS[:3])
+    for g, w in zip(got, cheap_run):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert compiled.asymrnr.rewrites["sites_reduced"] == 2 and compiled.asymrnr.stats["compiles"] >= 2
+
+
+# ---- Mochi and HunyuanVideo 1.5 -----------------------------------------------------------------
+@pytest.fixture
+def capture_dynamic_output_shapes():
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        yield
+
+
+def test_mochi_text_selection_keeps_its_sites_dense(capture_dynamic_output_shapes):
+    """One graph only when nonzero is captured; the text length is then symbolic (u0 + 192)."""
+    model, inputs = tiny_mochi(), mochi_inputs()
+    (gm,) = dynamo_graphs(model, inputs)
+    found, _, n_blocks = sites.find_sites(gm, MOCHI, (3, 8, 8))
+    assert n_blocks == 2 and [s.path for s in found] == ["time_embed.pooler", "transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert found[0].reason == "not inside a transformer block"
+    assert all("depends on the data" in s.reason for s in found[1:])
+    torch._dynamo.reset()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3))
+    with pytest.warns(UserWarning, match="no reducible self-attention found"):
+        out = run(compiled, inputs, 900.0)
+    torch.testing.assert_close(out, run(model, inputs, 900.0), rtol=1e-5, atol=1e-5)
+
+
+def test_mochi_and_hunyuan15_without_captured_nonzero_fail_closed():
+    """Dynamo breaks the graph inside forward(): the graph with the embeddings has no block."""
+    for model, inputs in ((tiny_mochi(), mochi_inputs()), (tiny_hunyuan15(), hunyuan15_inputs())):
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="asymrnr does not know this model"):
+            run(asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3)), inputs, 900.0)
+        torch._dynamo.reset()
+        compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3, on_unsupported="warn"))
+        with pytest.warns(UserWarning, match="running this graph unreduced"):
+            out = run(compiled, inputs, 900.0)
+        torch.testing.assert_close(out, run(model, inputs, 900.0), rtol=1e-5, atol=1e-5)
+
+
+def test_hunyuan15_block_graph_lacks_the_latent(capture_dynamic_output_shapes):
+    """The blocks are traced after `if torch.all(image_embeds == 0)`: their graph's sites are
+    found by the adapter, but its inputs hold neither the timestep nor the latent's grid."""
+    graphs = dynamo_graphs(tiny_hunyuan15(), hunyuan15_inputs())
+    blocks = [gm for gm in graphs if any(sites.is_sdpa(n) and "transformer_blocks" in sites.module_path(n) for n in gm.graph.nodes)]
+    assert len(graphs) == 2 and len(blocks) == 1
+    found, _, n_blocks = sites.find_sites(blocks[0], HUNYUAN_VIDEO15, (3, 8, 8))
+    assert n_blocks == 2 and [s.block for s in found] == [0, 1]
+    assert all("depends on the data" in s.reason for s in found)
+    with pytest.raises(asymrnr_fx.models.UnsupportedModelError, match="no input 'timestep'"):
+        sites.model_info(blocks[0], HUNYUAN_VIDEO15, [])

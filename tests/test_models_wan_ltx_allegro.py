@@ -1,0 +1,356 @@
+"""Wan 2.1 / 2.2, SkyReels-V2, LTX-Video and Allegro, built tiny from their configs (no weights):
+the attention sites and their classification, the reduction against the independent eager
+reference of test_reference, ratio 0 against the aot_eager baseline, short generations with no
+recompile and the block cache, all with the cheap inner compiler; Inductor end to end for Wan
+and LTX-Video; a tiny Wan 2.2 A14B pipeline (two transformers, one runtime each)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from diffusers import (
+    AllegroTransformer3DModel,
+    FluxTransformer2DModel,
+    LTXVideoTransformer3DModel,
+    SkyReelsV2Transformer3DModel,
+    WanTransformer3DModel,
+)
+from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+from test_reference import ref_site
+
+import asymrnr_fx
+from asymrnr_fx import AsymRnRConfig, BlockCache
+
+GRID = (3, 8, 8)  # (frames, height, width) after patching, in every tiny family here
+N_VISUAL = 3 * 8 * 8
+CROSS = "attention module 'attn2' is not self-attention over video"
+
+
+def cheap(**kw) -> AsymRnRConfig:
+    return AsymRnRConfig(compiler="aot_eager", **kw)
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- tiny models and their inputs (everything but the timestep) --------------------------------
+def tiny_wan(num_layers: int = 2, seed: int = 0, **config) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    base = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+            "out_channels": 4, "text_dim": 16, "freq_dim": 32, "ffn_dim": 32, "rope_max_seq_len": 32}
+    return WanTransformer3DModel(**{**base, **config}, num_layers=num_layers).eval()
+
+
+def wan_inputs(channels: int = 4, n_text: int = 5, seed: int = 1) -> dict:
+    """Latent (B, C, F, H, W) = (1, C, 3, 16, 16): 3 x 8 x 8 tokens after the (1, 2, 2) patches."""
+    return {"hidden_states": _randn(1, channels, 3, 16, 16, seed=seed),
+            "encoder_hidden_states": _randn(1, n_text, 16, seed=seed + 1)}
+
+
+def tiny_wan_i2v(num_layers: int = 2, seed: int = 0) -> WanTransformer3DModel:
+    return tiny_wan(num_layers, seed, image_dim=8, added_kv_proj_dim=24)
+
+
+def wan_i2v_inputs(seed: int = 1) -> dict:
+    """Wan I2V: the image tokens (4 here, 257 released) precede the text in the cross-attention
+    context; the attention processor takes the last 512 tokens as text (hard-coded)."""
+    return {**wan_inputs(n_text=512, seed=seed), "encoder_hidden_states_image": _randn(1, 4, 8, seed=seed + 2)}
+
+
+def tiny_wan22_5b(num_layers: int = 2, seed: int = 0) -> WanTransformer3DModel:
+    """The Wan 2.2 TI2V-5B config variant: 48 latent channels (its 16x16 VAE)."""
+    return tiny_wan(num_layers, seed, in_channels=48, out_channels=48)
+
+
+def tiny_skyreels(num_layers: int = 2, seed: int = 0) -> SkyReelsV2Transformer3DModel:
+    torch.manual_seed(seed)
+    return SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=num_layers, rope_max_seq_len=32,
+    ).eval()
+
+
+def skyreels_inputs(seed: int = 1) -> dict:
+    return {**wan_inputs(seed=seed), "enable_diffusion_forcing": True}
+
+
+def tiny_ltx(num_layers: int = 2, seed: int = 0) -> LTXVideoTransformer3DModel:
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=12,
+        cross_attention_dim=24, num_layers=num_layers, caption_channels=16,
+    ).eval()
+
+
+def ltx_inputs(seed: int = 1) -> dict:
+    """Packed latent (B, N, C) = (1, 3 * 8 * 8, 8) plus the grid as ints, as LTXPipeline passes
+    them; the last text token is padding."""
+    mask = torch.ones(1, 5)
+    mask[:, -1] = 0
+    return {"hidden_states": _randn(1, N_VISUAL, 8, seed=seed), "encoder_hidden_states": _randn(1, 5, 16, seed=seed + 1),
+            "encoder_attention_mask": mask, "num_frames": 3, "height": 8, "width": 8,
+            "rope_interpolation_scale": (8 / 25, 32, 32)}
+
+
+def tiny_allegro(num_layers: int = 2, seed: int = 0) -> AllegroTransformer3DModel:
+    torch.manual_seed(seed)
+    return AllegroTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=num_layers,
+        cross_attention_dim=24, caption_channels=24, sample_height=8, sample_width=8, sample_frames=3,
+    ).eval()
+
+
+def allegro_rope() -> tuple:
+    """The RoPE input that AllegroPipeline builds: per-axis tables and (3, 1, N) positions."""
+    *freqs, t, h, w = get_3d_rotary_pos_embed_allegro(12, ((0, 0), (8, 8)), (8, 8), 3, (2.2, 2.0, 2.0))
+    pos = torch.cartesian_prod(t.long(), h.long(), w.long()).T.reshape(3, 1, -1).contiguous()
+    return tuple(freqs), tuple(pos)
+
+
+def allegro_inputs(seed: int = 1) -> dict:
+    mask = torch.ones(1, 5)
+    mask[:, -1] = 0
+    return {"hidden_states": _randn(1, 4, 3, 16, 16, seed=seed), "encoder_hidden_states": _randn(1, 5, 24, seed=seed + 1),
+            "encoder_attention_mask": mask, "image_rotary_emb": allegro_rope()}
+
+
+# ---- the families, as data --------------------------------------------------------------------
+def _per_sample(t: float, inputs: dict) -> torch.Tensor:
+    return torch.full((inputs["hidden_states"].shape[0],), t)
+
+
+def _per_token(t: float, inputs: dict) -> torch.Tensor:
+    """Wan 2.2 TI2V (WanPipeline expand_timesteps): one timestep per token, (B, N)."""
+    return torch.full((inputs["hidden_states"].shape[0], N_VISUAL), t)
+
+
+def _per_frame(t: float, inputs: dict) -> torch.Tensor:
+    """SkyReels-V2 diffusion forcing: later frames noisier, (B, F) with several values."""
+    return torch.tensor([[t, t + 25.0, t + 50.0]]).expand(inputs["hidden_states"].shape[0], -1)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable[..., torch.nn.Module]  # build(num_layers=..., seed=...)
+    inputs: Callable[[], dict]
+    timestep: Callable[[float, dict], torch.Tensor]
+    cross_per_block: int  # attention calls per block that are not reducible (all cross-attention)
+
+
+FAMILIES = [
+    Family("wan21_t2v", tiny_wan, wan_inputs, _per_sample, 1),
+    Family("wan21_i2v", tiny_wan_i2v, wan_i2v_inputs, _per_sample, 2),  # image and text context
+    Family("wan22_ti2v_5b", tiny_wan22_5b, lambda: wan_inputs(channels=48), _per_token, 1),
+    Family("skyreels_v2_df", tiny_skyreels, skyreels_inputs, _per_frame, 1),
+    Family("ltx_video", tiny_ltx, ltx_inputs, _per_sample, 1),
+    Family("allegro", tiny_allegro, allegro_inputs, _per_sample, 1),
+]
+BY_NAME = {f.name: f for f in FAMILIES}
+ADAPTER_FAMILY = {"wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v_5b": "wan", "skyreels_v2_df": "skyreels_v2",
+                  "ltx_video": "ltx_video", "allegro": "allegro"}
+each_family = pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])
+
+
+def call(model, fam: Family, inputs: dict, t: float) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, timestep=fam.timestep(t, inputs), return_dict=False)[0]
+
+
+def generate(model, fam: Family, inputs: dict, timesteps) -> list[torch.Tensor]:
+    return [call(model, fam, inputs, t) for t in timesteps]
+
+
+@contextlib.contextmanager
+def reference_self_attention(q_ratio: float, kv_ratio: float, metric: str = "euclidean", mode: str = "replace"):
+    """Eager SDPA patched as in test_reference, but only where queries and keys are both the
+    video tokens (these families have no text in the self-attention; their cross-attention
+    queries are video tokens too, so the query length alone cannot tell them apart)."""
+    original = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if query.shape[-2] != N_VISUAL or key.shape[-2] != N_VISUAL:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **kw)
+        calls.append(tuple(query.shape))
+        return ref_site(query, key, value, attn_mask, 0, False, GRID, q_ratio, kv_ratio, metric, mode)
+
+    torch.nn.functional.scaled_dot_product_attention = patched
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+# ---- sites and classification ----------------------------------------------------------------
+@each_family
+def test_sites_found_and_classified(fam):
+    compiled = asymrnr_fx.compile(fam.build(num_layers=2), cheap(q_ratio=0.5, kv_ratio=0.3))
+    call(compiled, fam, fam.inputs(), 900.0)
+    rt = compiled.asymrnr
+    info = rt.info
+    assert info.adapter.family == ADAPTER_FAMILY[fam.name] and info.grid == GRID and info.num_blocks == 2
+    reducible = [s for s in info.sites if s.reducible]
+    others = [s for s in info.sites if not s.reducible]
+    assert [s.path.rsplit(".", 1)[-1] for s in reducible] == ["attn1", "attn1"]
+    assert [s.block for s in reducible] == [0, 1]
+    assert all(s.layout.n_text == 0 and s.layout.n_visual == N_VISUAL for s in reducible)
+    assert len(others) == 2 * fam.cross_per_block
+    assert {s.reason for s in others} == {CROSS} and all(s.path.endswith(".attn2") for s in others)
+    assert rt.rewrites["sites_found"] == 2 + 2 * fam.cross_per_block
+    assert rt.rewrites["sites_reducible"] == rt.rewrites["sites_reduced"] == 2
+
+
+def test_wan_i2v_image_context_is_a_second_cross_attention():
+    """The image tokens get their own SDPA inside attn2 (keys: 4 image tokens), never reduced."""
+    compiled = asymrnr_fx.compile(tiny_wan_i2v(), cheap(q_ratio=0.5, kv_ratio=0.3))
+    call(compiled, BY_NAME["wan21_i2v"], wan_i2v_inputs(), 900.0)
+    reasons = [s.reason for s in compiled.asymrnr.info.sites if s.block == 0 and not s.reducible]
+    assert reasons == [CROSS, CROSS]
+    assert compiled.asymrnr.used_lengths[(0, 0)] == {f"blocks.{i}.attn1": (96, 134) for i in range(2)}
+
+
+# ---- numerics ---------------------------------------------------------------------------------
+@each_family
+@pytest.mark.parametrize("q,kv,mode", [(0.5, 0.3, "replace"), (0.4, 0.6, "mean")])
+def test_reduction_matches_the_eager_reference(fam, q, kv, mode):
+    model, inputs = fam.build(num_layers=2), fam.inputs()
+    cfg = cheap(q_ratio=q, kv_ratio=kv, reduce_mode=mode, split="fixed")
+    got = call(asymrnr_fx.compile(model, cfg), fam, inputs, 900.0)
+    with reference_self_attention(q, kv, mode=mode) as calls:
+        want = call(model, fam, inputs, 900.0)
+    assert len(calls) == 2  # the reference ran at both self-attentions, and only there
+    dense = call(model, fam, inputs, 900.0)
+    assert (got - dense).abs().max() > 1e-3  # the reduction changed the output...
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # ...exactly as the reference
+
+
+@each_family
+def test_ratio_zero_equals_the_aot_eager_baseline(fam):
+    model, inputs = fam.build(num_layers=2), fam.inputs()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0))
+    baseline = torch.compile(model, backend="aot_eager")
+    assert torch.equal(call(compiled, fam, inputs, 900.0), call(baseline, fam, inputs, 900.0))
+    rt = compiled.asymrnr
+    assert rt.stats["dense_graphs"] == 1 and rt.rewrites["nodes_inserted"] == 0 and rt.stats["matchings"] == 0
+
+
+# ---- generations: step tracking, no recompile, caching ---------------------------------------
+STEPS = (900.0, 860.0, 820.0, 780.0)
+
+
+@each_family
+def test_generation_tracks_steps_without_recompiles(fam):
+    model, inputs = fam.build(num_layers=2), fam.inputs()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3, matching_every=2))
+    rt = compiled.asymrnr
+    first = call(compiled, fam, inputs, STEPS[0])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        generate(compiled, fam, inputs, STEPS[1:])
+        assert rt.step == 3 and sorted(rt.used_lengths) == [(i, 0) for i in range(4)]
+        again = generate(compiled, fam, inputs, STEPS)  # the timestep went back up: a new generation
+    assert rt.stats["generations"] == 2 and rt.step == 3
+    assert rt.stats["matchings"] == 2 * (2 * 2 * 2)  # generations x windows x sites x (q, v)
+    torch.testing.assert_close(again[0], first, rtol=0, atol=0)
+
+
+def _cached_generation(fam: Family, cfg: AsymRnRConfig, timesteps) -> tuple[list[torch.Tensor], object]:
+    compiled = asymrnr_fx.compile(fam.build(num_layers=4), cfg)
+    generate(compiled, fam, fam.inputs(), timesteps)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        outs = generate(compiled, fam, fam.inputs(), timesteps)
+    return outs, compiled.asymrnr
+
+
+CACHE_STEPS = tuple(900.0 - 5 * i for i in range(6))
+
+
+@each_family
+@pytest.mark.parametrize("q,kv", [(0.0, 0.0), (0.5, 0.3)])
+def test_block_cache_skips_blocks_without_recompiles(fam, q, kv):
+    cfg = cheap(q_ratio=q, kv_ratio=kv, matching_every=2, cache=BlockCache(threshold=0.5))
+    outs, rt = _cached_generation(fam, cfg, CACHE_STEPS)
+    log = rt.cache_log  # this generation's (step, context) -> (blocks run, blocks skipped)
+    assert sorted(log) == [(i, 0) for i in range(len(CACHE_STEPS))] and log[(0, 0)] == (4, 0)
+    assert all(run + skipped == 4 for run, skipped in log.values())
+    assert sum(skipped > 0 for _, skipped in log.values()) >= 2 and rt.stats["cache_hits"] >= 4
+    assert (rt.stats["matchings"] > 0) == (q > 0)
+    dense = generate(torch.compile(fam.build(num_layers=4), backend="aot_eager"), fam, fam.inputs(), CACHE_STEPS)
+    assert (outs[-1] - dense[-1]).abs().max() > 1e-5  # cached steps really reused the span
+
+
+# ---- unsupported models -----------------------------------------------------------------------
+def test_unsupported_model_error_names_every_family():
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  axes_dims_rope=(4, 4, 8)).eval()
+    inputs = {"hidden_states": _randn(1, 16, 4, seed=1), "encoder_hidden_states": _randn(1, 8, 32, seed=2),
+              "pooled_projections": _randn(1, 32, seed=3), "timestep": torch.tensor([0.9]),
+              "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(8, 3), "return_dict": False}
+    with pytest.raises(Exception, match="asymrnr does not know this model") as err:
+        asymrnr_fx.compile(flux, cheap(q_ratio=0.5, kv_ratio=0.3))(**inputs)
+    for family in ("allegro", "cogvideox", "hunyuan_video", "ltx_video", "skyreels_v2", "wan"):
+        assert f"'{family}'" in str(err.value)
+    assert "FluxTransformerBlock" in str(err.value)
+
+
+def test_ltx_without_a_coordinate_grid_is_a_clear_error():
+    """video_coords instead of num_frames / height / width (LTXConditionPipeline): fail closed."""
+    inputs = {k: v for k, v in ltx_inputs().items() if k not in ("num_frames", "height", "width")}
+    f, h, w = torch.meshgrid(torch.arange(3.0), torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    inputs["video_coords"] = torch.stack([f, h, w]).flatten(1)[None]
+    with pytest.raises(Exception, match="ltx_video: no RoPE coordinate grid.*Pass num_frames, height and width"):
+        call(asymrnr_fx.compile(tiny_ltx(), cheap()), BY_NAME["ltx_video"], inputs, 900.0)
+
+
+# ---- Wan 2.2 A14B: two experts in one pipeline ------------------------------------------------
+def test_wan22_two_experts_track_the_pipeline_steps_across_the_switch():
+    """WanPipeline runs `transformer` for t >= boundary and `transformer_2` below, naming each
+    call (cond / uncond, step_index): each compiled expert has its own runtime, and the low-noise
+    one starts at the pipeline's step, not at its own first call."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    high = asymrnr_fx.compile(tiny_wan(seed=0), cheap(q_ratio=0.5, kv_ratio=0.3))
+    low = asymrnr_fx.compile(tiny_wan(seed=1), cheap(q_ratio=0.5, kv_ratio=0.3))
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=high, transformer_2=low, boundary_ratio=0.875)
+    seen = []
+
+    def record(_, i, t, kwargs):
+        seen.append({name: sorted(k for k in m.asymrnr.used_lengths if k[0] == i) for name, m in (("high", high), ("low", low))})
+        return kwargs
+
+    emb, neg = _randn(1, 5, 16, seed=1), _randn(1, 5, 16, seed=2)
+    pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=128, width=128, num_frames=9, num_inference_steps=4,
+         guidance_scale=5.0, output_type="latent", callback_on_step_end=record, generator=torch.Generator().manual_seed(0))
+    both = [(0, "cond"), (0, "uncond")]
+    assert seen[0] == {"high": both, "low": []}  # t = 1000: the high-noise expert
+    for i in (1, 2, 3):  # t = 858, 602, 9: the low-noise expert, at the pipeline's steps
+        assert seen[i] == {"high": [], "low": [(i, "cond"), (i, "uncond")]}
+    assert high.asymrnr.stats["calls"] == 2 and low.asymrnr.stats["calls"] == 6
+    assert high.asymrnr.stats["resets"] == low.asymrnr.stats["resets"] == 1  # the pipeline ended both generations
+
+
+# ---- Inductor end to end ----------------------------------------------------------------------
+@pytest.mark.inductor
+@pytest.mark.parametrize("fam", [BY_NAME["wan21_t2v"], BY_NAME["ltx_video"]], ids=["wan21_t2v", "ltx_video"])
+def test_inductor_reduced_generation_matches_the_cheap_path(fam):
+    cfg = {"q_ratio": 0.5, "kv_ratio": 0.3, "matching_every": 2}
+    inputs, steps = fam.inputs(), STEPS[:3]
+    fast = asymrnr_fx.compile(fam.build(num_layers=1), AsymRnRConfig(**cfg))
+    got = generate(fast, fam, inputs, steps)
+    torch._dynamo.reset()
+    want = generate(asymrnr_fx.compile(fam.build(num_layers=1), cheap(**cfg)), fam, inputs, steps)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    dense = call(fam.build(num_layers=1), fam, inputs, steps[0])
+    assert (got[0] - dense).abs().max() > 1e-3  # the reduction really ran
+    rt = fast.asymrnr
+    assert rt.rewrites["sites_reduced"] == 1 and rt.stats["compiles"] == 2  # before / after the site
