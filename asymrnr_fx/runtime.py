@@ -67,9 +67,14 @@ def _context_memory(ctx: ContextState) -> dict[str, int]:
 
 
 def _timestep_value(timestep: Any) -> float | None:
+    """The call's timestep as one number: the mean of a tensor of several (per sample, per frame in
+    diffusion forcing, per token in image-to-video conditioning). A first element would stall
+    where the first frame is clean (t = 0) while the others still denoise."""
     if timestep is None:
         return None
-    return float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() == 1 else float(timestep.float().mean())
+    return float(timestep)
 
 
 def _check_step(step: Any) -> int:

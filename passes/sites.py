@@ -144,6 +144,8 @@ def _why_not(node: fx.Node, attn: str, adapter: ModelAdapter, n_visual: int) -> 
     mask = a["attn_mask"]
     if isinstance(mask, fx.Node) and mask.meta["example_value"].shape[-1] != k.shape[-2]:
         return "attention mask does not span the key sequence"
+    if isinstance(mask, fx.Node) and mask.meta["example_value"].dim() >= 2 and mask.meta["example_value"].shape[-2] > 1:
+        return "attention mask varies per query (e.g. block-causal): merged tokens would read across it"
     return ""
 
 

@@ -64,6 +64,24 @@ def _rope_inputs(region: list[fx.Node], n_visual: int) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _is_parameter(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("example_value"), torch.nn.Parameter)
+
+
+def _unfollowed_input(region: list[fx.Node], known: set[str], rope: tuple[str, ...], n_tokens: tuple[int, ...]) -> str:
+    """An input of the region with a token axis that the rewrite would not reduce (a RoPE table
+    other than 2-D (N, D), e.g. Wan's (1, N, 1, D)), or "" when there is none (fail closed)."""
+    inside = {n.name for n in region}
+    for node in region:
+        for a in node.all_input_nodes:
+            shape = _shape(a)
+            if a.name in inside or a.name in known or a.name in rope or not shape or _is_parameter(a):
+                continue
+            if any(size in n_tokens for size in shape[1:]):
+                return f"input {a.name} {tuple(shape)} has a token axis the symmetric rewrite does not follow"
+    return ""
+
+
 def find_points(graph: fx.Graph, site: Site) -> SymmetricPoints | str:
     """The rewrite points of `site`, or the reason the symmetric mode cannot reduce it."""
     lay = site.layout
@@ -77,6 +95,12 @@ def find_points(graph: fx.Graph, site: Site) -> SymmetricPoints | str:
     if (_shape(x) or (0, 0))[1] not in (n_total, lay.n_visual):
         return f"projection input {_shape(x)} has no token axis of {n_total} or {lay.n_visual}"
     sdpa = next(n for n in region if is_sdpa(n))
+    mask_arg = sdpa_arguments(sdpa)["attn_mask"]
+    rope = _rope_inputs(region, lay.n_visual)
+    known = {x.name} | ({mask_arg.name} if isinstance(mask_arg, fx.Node) else set())
+    after_cut = region[region.index(proj[0]):]  # what the rewrite runs on reduced tokens
+    if why := _unfollowed_input(after_cut, known, rope, (n_total, lay.n_visual)):
+        return why
     out = [n for n in region if module_path(n) == f"{site.path}.to_out.0" and n.op == "call_function"]
     restore, axis = (out[0], 1) if out else (sdpa, 2)
     mask = sdpa_arguments(sdpa)["attn_mask"]

@@ -354,3 +354,31 @@ def test_inductor_reduced_generation_matches_the_cheap_path(fam):
     assert (got[0] - dense).abs().max() > 1e-3  # the reduction really ran
     rt = fast.asymrnr
     assert rt.rewrites["sites_reduced"] == 1 and rt.stats["compiles"] == 2  # before / after the site
+
+
+@each_family
+def test_symmetric_mode_fails_closed_on_rope_tables_it_cannot_follow(fam):
+    """These families' RoPE tables are not 2-D (N, D) (Wan (1, N, 1, D), LTX (B, N, D), Allegro
+    positions): the symmetric rewrite would not reduce them, so every site stays dense, says why,
+    and the output is the baseline's."""
+    model, inputs = fam.build(num_layers=2), fam.inputs()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.3))
+    with pytest.warns(UserWarning, match="stays dense in symmetric mode: input .* has a token axis"):
+        got = call(compiled, fam, inputs, 900.0)
+    rt = compiled.asymrnr
+    assert rt.rewrites["sites_not_symmetric"] == 2 and rt.rewrites["sites_rewritten"] == 0
+    torch.testing.assert_close(got, call(torch.compile(model, backend="aot_eager"), fam, inputs, 900.0))
+
+
+def test_diffusion_forcing_steps_follow_the_mean_timestep_when_the_first_frame_is_clean():
+    """Asynchronous diffusion forcing (SkyReels-V2 ar_step > 0): frame 0 reaches t = 0 and stays
+    there while later frames keep denoising; steps must go on (a first-element rule stalls and
+    restarts the generation at every call)."""
+    model, inputs = tiny_skyreels(), skyreels_inputs()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3))
+    rt = compiled.asymrnr
+    frames = [[0.0, 400.0 - 100 * i, 800.0 - 100 * i] for i in range(4)]
+    with torch.no_grad():
+        for ts in frames:
+            compiled(**inputs, timestep=torch.tensor([ts]), return_dict=False)
+    assert rt.step == 3 and rt.stats["generations"] == 1
