@@ -9,7 +9,7 @@ import torch
 
 from . import pipeline_hook
 from .cache import BlockCache, SkipCache
-from .config import AsymRnRConfig, ConfigError
+from .config import AsymRnRConfig, ConfigError, Reduction
 from .runtime import AsymRnRRuntime, runtime_of
 from .schedule import Schedule, ScheduleError
 
@@ -18,6 +18,7 @@ __all__ = [
     "AsymRnRRuntime",
     "BlockCache",
     "ConfigError",
+    "Reduction",
     "Schedule",
     "ScheduleError",
     "SkipCache",

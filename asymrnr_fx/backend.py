@@ -143,8 +143,8 @@ class AsymmetricReducer:
         self.rt, self.site, self.grid = rt, site, grid
         args = sites.sdpa_arguments(next(n for n in gm.graph.nodes if n.name == site.node_name))
         self.pos = {f: _placeholder_index(gm, args[name].name) for f, name in (("q", "query"), ("v", "value"))}
-        self.n_dst = tokens.count_windows(grid, rt.config.dst_stride)
-        self.mean = rt.config.reduce_mode == "mean"
+        self.n_dst = tokens.count_windows(grid, rt.config.reduction.dst_stride)
+        self.mean = rt.config.reduction.reduce_mode == "mean"
 
     def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
         """(compile key, plan inputs) for this step, or None when the site stays dense."""
@@ -175,10 +175,10 @@ class SymmetricReducer:
     def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, points, grid: tokens.Grid):
         self.rt, self.site, self.points, self.grid = rt, site, points, grid
         self.x_pos = _placeholder_index(gm, points.x)
-        self.n_dst = tokens.count_windows(grid, rt.config.dst_stride)
+        self.n_dst = tokens.count_windows(grid, rt.config.reduction.dst_stride)
         lay = site.layout
         self.x_layout = lay if points.x_full else tokens.Layout(0, lay.n_visual, True)
-        self.mean = rt.config.reduce_mode == "mean"
+        self.mean = rt.config.reduction.reduce_mode == "mean"
 
     def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
         n_keep, _ = self.rt.site_lengths(self.site, self.n_dst)
@@ -282,7 +282,7 @@ def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig
         sub, found = getattr(top, name), reducers.get(firsts[name])
         block = block_starts.get(firsts[name], found[0].block if found is not None else block)
         part_blocks[name] = block
-        reducer = _reducer(sub, rt, found, info.grid) if found is not None else None
+        reducer = _reducer(sub, rt, found, found[0].grid) if found is not None else None  # the site's own grid
         seg = _Segment(sub, cfg, rt, _activation_positions(top, name), reducer)
         if k < len(names) - 1:
             _contiguous_outputs(sub)

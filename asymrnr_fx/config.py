@@ -1,10 +1,11 @@
-"""The one configuration of the AsymRnR transformation, validated on construction."""
+"""The configurations, validated on construction: one per transformation (`Reduction`; the
+caches in `cache.py`), composed by `AsymRnRConfig` with the compile and step-tracking settings."""
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch._dynamo.exc import ShortenTraceback
@@ -74,13 +75,17 @@ def _check_stride(stride: Any) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class AsymRnRConfig:
-    """Asymmetric reduction and restoration of attention tokens.
+class Reduction:
+    """Asymmetric reduction and restoration of attention tokens (the AsymRnR transformation).
 
     q_ratio / kv_ratio / h_ratio: constant reduction ratios, used when `schedule` is None.
     h_ratio > 0 selects the symmetric mode (ToMe-style: the hidden state reduced before the Q/K/V
     projections, restored after the output projection) and cannot be combined with q_ratio /
-    kv_ratio. `schedule` gives a ratio per (feature, block, step).
+    kv_ratio. `schedule` gives a ratio per (feature, block, step). A matching is computed every
+    `matching_every` steps on which its block runs, on windows of `dst_stride` (frames, height,
+    width) with one destination each (`split`: "random" in the window, seeded by `seed`, or the
+    first), by `distance`; `reduce_mode` "mean" averages merged tokens; `max_match_elements`
+    bounds the score matrix computed at once.
     """
 
     q_ratio: float = 0.5
@@ -94,15 +99,8 @@ class AsymRnRConfig:
     distance: str = "euclidean"
     reduce_mode: str = "replace"
     max_match_elements: int = 1 << 20  # 4 MiB of float32 scores per chunk
-    compiler: str = "inductor"
-    mode: str | None = None
-    inductor_options: dict[str, Any] = field(default_factory=dict)
-    on_unsupported: str = "error"
-    auto_step: bool = True
-    cache: BlockCache | SkipCache | None = None  # feature caching across steps (asymrnr_fx.cache)
 
     def __post_init__(self) -> None:
-        check_cache(self.cache)
         for name in ("q_ratio", "kv_ratio", "h_ratio"):
             _check_ratio(name, getattr(self, name))
         if self.h_ratio > 0 and (self.q_ratio > 0 or self.kv_ratio > 0):
@@ -115,13 +113,55 @@ class AsymRnRConfig:
         _check_int("matching_every", self.matching_every, 5, minimum=1)
         _check_int("max_match_elements", self.max_match_elements, 1 << 20, minimum=1)
         _check_int("seed", self.seed, 0)
-        _check_bool("auto_step", self.auto_step, _AUTO_STEP_FIX)
         object.__setattr__(self, "dst_stride", _check_stride(self.dst_stride))
         _check_choice("split", self.split, SPLITS)
         _check_choice("distance", self.distance, DISTANCES)
         _check_choice("reduce_mode", self.reduce_mode, REDUCE_MODES)
-        _check_choice("compiler", self.compiler, COMPILERS)
-        _check_choice("on_unsupported", self.on_unsupported, ON_UNSUPPORTED)
+
+    def effective_schedule(self) -> Schedule:
+        if self.schedule is not None:
+            return self.schedule
+        return Schedule.constant(q=self.q_ratio, kv=self.kv_ratio, h=self.h_ratio)
+
+
+REDUCTION_FIELDS = tuple(f.name for f in dataclasses.fields(Reduction))
+
+
+@dataclass(frozen=True, init=False)
+class AsymRnRConfig:
+    """Everything `backend="asymrnr"` does to one model: the token reduction (`Reduction`), the
+    feature cache (`BlockCache` / `SkipCache` / None), and how segments compile and steps are
+    tracked. The reduction's fields may be given directly, e.g. `AsymRnRConfig(q_ratio=0.3,
+    kv_ratio=0.3, cache=BlockCache())`, or as `reduction=Reduction(...)` (not both)."""
+
+    reduction: Reduction
+    cache: BlockCache | SkipCache | None
+    compiler: str
+    mode: str | None
+    inductor_options: dict[str, Any]
+    on_unsupported: str
+    auto_step: bool
+
+    def __init__(self, reduction: Reduction | None = None, cache: BlockCache | SkipCache | None = None,
+                 compiler: str = "inductor", mode: str | None = None, inductor_options: dict[str, Any] | None = None,
+                 on_unsupported: str = "error", auto_step: bool = True, **reduction_fields: Any) -> None:
+        reject_unknown(reduction_fields, [*REDUCTION_FIELDS, *CONFIG_FIELDS])
+        if reduction is not None and reduction_fields:
+            raise ConfigError(
+                f"give reduction=Reduction(...) or its fields {sorted(reduction_fields)}, not both. "
+                "Use e.g. AsymRnRConfig(reduction=Reduction(q_ratio=0.3, kv_ratio=0.3))."
+            )
+        if reduction is not None and not isinstance(reduction, Reduction):
+            raise ConfigError(f"reduction must be an asymrnr_fx.Reduction, got {type(reduction).__name__}.")
+        values = {"reduction": reduction if reduction is not None else Reduction(**reduction_fields), "cache": cache,
+                  "compiler": compiler, "mode": mode, "inductor_options": dict(inductor_options or {}),
+                  "on_unsupported": on_unsupported, "auto_step": auto_step}
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        check_cache(cache)
+        _check_bool("auto_step", auto_step, _AUTO_STEP_FIX)
+        _check_choice("compiler", compiler, COMPILERS)
+        _check_choice("on_unsupported", on_unsupported, ON_UNSUPPORTED)
 
     @property
     def enabled(self) -> bool:
@@ -129,9 +169,7 @@ class AsymRnRConfig:
         return self.cache is not None or not self.effective_schedule().all_zero
 
     def effective_schedule(self) -> Schedule:
-        if self.schedule is not None:
-            return self.schedule
-        return Schedule.constant(q=self.q_ratio, kv=self.kv_ratio, h=self.h_ratio)
+        return self.reduction.effective_schedule()
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None, mode: str | None = None) -> AsymRnRConfig:
@@ -171,5 +209,8 @@ class AsymRnRConfig:
         return cls(**opts)
 
 
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AsymRnRConfig))
+
+
 def _reject_unknown(opts: dict[str, Any]) -> None:
-    reject_unknown(opts, [f.name for f in dataclasses.fields(AsymRnRConfig)])
+    reject_unknown(opts, [*REDUCTION_FIELDS, *(f for f in CONFIG_FIELDS if f != "reduction")])

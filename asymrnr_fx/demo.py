@@ -92,18 +92,18 @@ def rotated(items: Sequence[Any], k: int) -> list[Any]:
     return [*items[k:], *items[:k]]
 
 
-def _asymrnr(label: str, fx: fixture.Fixture, config: AsymRnRConfig, steps: int) -> Method:
-    compiled = asymrnr_fx.compile(fx.transformer, config)
+def _asymrnr(label: str, fixture_model: fixture.Fixture, config: AsymRnRConfig, steps: int) -> Method:
+    compiled = asymrnr_fx.compile(fixture_model.transformer, config)
     compiled.asymrnr.num_steps = steps  # BlockCache keeps the last step full when it knows the length
     return Method(label, compiled, compiled.asymrnr)
 
 
-def build_methods(fx: fixture.Fixture, args: argparse.Namespace) -> list[Method]:
+def build_methods(fixture_model: fixture.Fixture, args: argparse.Namespace) -> list[Method]:
     """All methods, compiled models created up front. They coexist: each `asymrnr_fx.compile` has
     its own runtime and Dynamo guards each cache entry on its backend. `torch._dynamo.reset()`
     drops every model's compiled code, so it runs once here, before any of them, and never between."""
     torch._dynamo.reset()
-    dense = torch.compile(fx.transformer, backend=args.compiler, dynamic=False)
+    dense = torch.compile(fixture_model.transformer, backend=args.compiler, dynamic=False)
     reduction = {"q_ratio": args.q, "kv_ratio": args.kv, "matching_every": args.matching_every}
     no_reduction = {"q_ratio": 0.0, "kv_ratio": 0.0}
     block_cache = BlockCache(threshold=args.cache_threshold)
@@ -116,28 +116,28 @@ def build_methods(fx: fixture.Fixture, args: argparse.Namespace) -> list[Method]
     return [
         Method("eager dense (numeric floor)"),
         Method(f"{args.compiler} dense (baseline)", dense),
-        *(_asymrnr(label, fx, AsymRnRConfig(**ratios, cache=c, compiler=args.compiler), args.steps)
+        *(_asymrnr(label, fixture_model, AsymRnRConfig(**ratios, cache=c, compiler=args.compiler), args.steps)
           for label, ratios, c in modes),
     ]
 
 
-def generate(fx: fixture.Fixture, method: Method, prompt: str, seed: int, steps: int) -> float:
+def generate(fixture_model: fixture.Fixture, method: Method, prompt: str, seed: int, steps: int) -> float:
     """One clip into `method`; returns its seconds per denoising step."""
     start = time.perf_counter()
-    method.samples[prompt] = fx.sample(prompt, steps=steps, seed=seed, transformer=method.model)
+    method.samples[prompt] = fixture_model.sample(prompt, steps=steps, seed=seed, transformer=method.model)
     seconds = (time.perf_counter() - start) / steps
     if method.caches:  # the log holds this generation's calls until the next one starts
         method.blocks.append(blocks_skipped(method.runtime.cache_log))
     return seconds
 
 
-def run_interleaved(fx: fixture.Fixture, methods: list[Method], prompts: list[str], steps: int) -> None:
+def run_interleaved(fixture_model: fixture.Fixture, methods: list[Method], prompts: list[str], steps: int) -> None:
     """Prompt 0 by every method (warm-up, untimed), then prompt i by every method in rotated order."""
     bar = tqdm(total=len(methods) * len(prompts), desc="generations", unit="clip")
     for i, prompt in enumerate(prompts):
         for method in rotated(methods, i):
             bar.set_postfix_str(method.label)
-            seconds = generate(fx, method, prompt, seed=i, steps=steps)
+            seconds = generate(fixture_model, method, prompt, seed=i, steps=steps)
             if i > 0:
                 method.seconds_per_step.append(seconds)
             bar.update()
@@ -306,13 +306,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
-    fx = fixture.load()
+    fixture_model = fixture.load()
     prompts = list(fixture.PROMPTS[: args.prompts])
-    methods = build_methods(fx, args)
-    print(f"fixture: {fx.latent_shape} latents, {len(prompts)} prompts, {args.steps} steps, "
+    methods = build_methods(fixture_model, args)
+    print(f"fixture: {fixture_model.latent_shape} latents, {len(prompts)} prompts, {args.steps} steps, "
           f"{torch.get_num_threads()} threads; {len(methods)} methods interleaved, "
           f"{len(methods) * len(prompts)} generations")
-    run_interleaved(fx, methods, prompts, args.steps)
+    run_interleaved(fixture_model, methods, prompts, args.steps)
     dense = methods[1]
     rows = summarize(methods, dense)
     print(table(rows))

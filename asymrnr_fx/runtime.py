@@ -90,6 +90,7 @@ class AsymRnRRuntime:
 
     def __init__(self, config: AsymRnRConfig) -> None:
         self.config = config
+        self.reduction = config.reduction
         self.schedule: Schedule = config.effective_schedule()
         self.stats: Counter = Counter()
         self.compile_seconds = 0.0
@@ -220,7 +221,7 @@ class AsymRnRRuntime:
         """Matching window of a block: steps on which it was computed, over `matching_every`.
         A step on which the block cache skipped the block neither computes nor ages a matching."""
         skipped = self.state.skipped[block] if block is not None else 0
-        return (self.step - skipped) // self.config.matching_every
+        return (self.step - skipped) // self.reduction.matching_every
 
     # ---- block cache calibration ("magnitude" policy) ------------------------------------------
     def record_calibration(self, residual: torch.Tensor) -> None:
@@ -271,10 +272,10 @@ class AsymRnRRuntime:
 
     def site_lengths(self, site: Any, n_dst: int, step: int | None = None) -> tuple[int, int]:
         """Visual tokens kept (queries, keys/values) at `site` at `step` (default: the current)."""
-        q, kv, h = self.ratios(site.block, self.step if step is None else step)
+        q, kv, hidden = self.ratios(site.block, self.step if step is None else step)
         nv = site.layout.n_visual
-        if h > 0:
-            n = tokens.reduced_length(nv, n_dst, h)
+        if hidden > 0:
+            n = tokens.reduced_length(nv, n_dst, hidden)
             return n, n
         keep = [tokens.reduced_length(nv, n_dst, r) if r > 0 else nv for r in (q, kv)]
         return keep[0], keep[1]
@@ -285,9 +286,10 @@ class AsymRnRRuntime:
         _check_step(step)
         if self.info is None:
             raise LookupError("the runtime is not bound to a model yet: call the compiled model once.")
-        n_dst = tokens.count_windows(self.info.grid, self.config.dst_stride)
+        stride = self.reduction.dst_stride
         return {
-            s.path: self.site_lengths(s, n_dst, step) if s.path in self.active_sites else (s.layout.n_visual,) * 2
+            s.path: self.site_lengths(s, tokens.count_windows(s.grid, stride), step)
+            if s.path in self.active_sites else (s.layout.n_visual,) * 2
             for s in self.info.sites
             if s.reducible
         }
@@ -298,9 +300,9 @@ class AsymRnRRuntime:
         return tuple(self.schedule.ratio(f, block, step) for f in ("q", "kv", "h"))
 
     def _split(self, site: int, grid: tokens.Grid, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + site * 10_007 + window)
-        fixed = self.config.split == "fixed"
-        return tokens.window_split(grid, self.config.dst_stride, generator=gen, fixed=fixed)
+        gen = torch.Generator().manual_seed(self.reduction.seed * 1_000_003 + site * 10_007 + window)
+        fixed = self.reduction.split == "fixed"
+        return tokens.window_split(grid, self.reduction.dst_stride, generator=gen, fixed=fixed)
 
     def matching(
         self, site: Any, feature: str, features: Callable[[], torch.Tensor], layout: tokens.Layout, grid: tokens.Grid
@@ -314,17 +316,17 @@ class AsymRnRRuntime:
                 vis = features().narrow(2, layout.visual_offset, layout.n_visual)
                 dst, src = self._split(site.index, grid, window)
                 m = tokens.match_sources(
-                    vis, dst, src, metric=self.config.distance, max_elements=self.config.max_match_elements
+                    vis, dst, src, metric=self.reduction.distance, max_elements=self.reduction.max_match_elements
                 )
             cached = store[key] = _Cached(window, m)
             self.stats["matchings"] += 1
         return cached
 
     def plan(self, cached: _Cached, n_keep: int, layout: tokens.Layout) -> tokens.Plan:
-        key = (n_keep, self.config.reduce_mode, layout)
+        key = (n_keep, self.reduction.reduce_mode, layout)
         if key not in cached.plans:
             with torch.no_grad():
-                cached.plans[key] = tokens.make_plan(cached.matching, n_keep, layout, self.config.reduce_mode)
+                cached.plans[key] = tokens.make_plan(cached.matching, n_keep, layout, self.reduction.reduce_mode)
             self.stats["plans"] += 1
         return cached.plans[key]
 

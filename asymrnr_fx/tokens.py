@@ -63,9 +63,9 @@ def window_split(
         u = torch.rand(starts.shape, generator=generator, dtype=torch.float64)
         offset = (u * extent).long()
     coords = starts + offset  # a new tensor: the cached starts stay untouched
-    _, h, w = grid
-    dst = coords[:, 0] * (h * w) + coords[:, 1] * w + coords[:, 2]
-    is_src = torch.ones(grid[0] * h * w, dtype=torch.bool)
+    _, height, width = grid
+    dst = coords[:, 0] * (height * width) + coords[:, 1] * width + coords[:, 2]
+    is_src = torch.ones(grid[0] * height * width, dtype=torch.bool)
     is_src[dst] = False
     return dst, is_src.nonzero().squeeze(1)
 
@@ -91,14 +91,14 @@ def _nearest(xs: torch.Tensor, xd: torch.Tensor, xd_sq: torch.Tensor, metric: st
     |s - d|^2 = |s|^2 + |d|^2 - 2 s.d: the |s|^2 term does not change the argmin, so one
     fused matmul-with-bias (baddbmm) gives the scores and |s|^2 is added to the minimum only.
     """
-    b, h, s, dim = xs.shape
-    flat_s, flat_d = xs.reshape(b * h, s, dim), xd.reshape(b * h, -1, dim)
+    b, heads, s, dim = xs.shape
+    flat_s, flat_d = xs.reshape(b * heads, s, dim), xd.reshape(b * heads, -1, dim)
     if metric == "cosine":
         sim, idx = torch.bmm(flat_s, flat_d.transpose(1, 2)).max(dim=-1)
-        return (1.0 - sim).reshape(b, h, s), idx.reshape(b, h, s)
-    scores = torch.baddbmm(xd_sq.reshape(b * h, 1, -1), flat_s, flat_d.transpose(1, 2), alpha=-2.0)
+        return (1.0 - sim).reshape(b, heads, s), idx.reshape(b, heads, s)
+    scores = torch.baddbmm(xd_sq.reshape(b * heads, 1, -1), flat_s, flat_d.transpose(1, 2), alpha=-2.0)
     best, idx = scores.min(dim=-1)
-    return (best.reshape(b, h, s) + xs.pow(2).sum(-1)), idx.reshape(b, h, s)
+    return (best.reshape(b, heads, s) + xs.pow(2).sum(-1)), idx.reshape(b, heads, s)
 
 
 def match_sources(
@@ -114,12 +114,12 @@ def match_sources(
     The (B, H, Ns, Nd) score matrix is built `max_elements` at a time over sources, so the
     peak extra memory is bounded whatever Nv is. Distances are computed in float32.
     """
-    b, h = x.shape[:2]
+    b, heads = x.shape[:2]
     xd = x[:, :, dst.to(x.device)].float()
     if metric == "cosine":
         xd = torch.nn.functional.normalize(xd, dim=-1)
     xd_sq = xd.pow(2).sum(-1)
-    chunk = max(1, max_elements // max(1, b * h * dst.numel()))
+    chunk = max(1, max_elements // max(1, b * heads * dst.numel()))
     src_dev = src.to(x.device)
     dists, nearest = [], []
     for start in range(0, src.numel(), chunk):
@@ -179,19 +179,19 @@ def _with_text(vis: torch.Tensor, text: torch.Tensor, text_first: bool) -> torch
 
 def make_plan(m: Matching, n_keep: int, layout: Layout, mode: str = "replace") -> Plan:
     """Keep all destinations and the n_keep - Nd farthest sources of matching `m`."""
-    b, h, n_src = m.nearest.shape
+    b, heads, n_src = m.nearest.shape
     n_dst = m.dst.numel()
     kept_src = m.order[..., : n_keep - n_dst]
     dropped = m.order[..., n_keep - n_dst :]
     off = layout.visual_offset
     device = m.nearest.device
-    vis_keep = torch.cat([m.dst.expand(b, h, -1), m.src[kept_src]], dim=-1)
+    vis_keep = torch.cat([m.dst.expand(b, heads, -1), m.src[kept_src]], dim=-1)
     slot_base = off if layout.text_first else 0
     dst_slot = slot_base + torch.arange(n_dst, device=device)
-    vis_slot = torch.empty(b, h, layout.n_visual, dtype=torch.long, device=device)
+    vis_slot = torch.empty(b, heads, layout.n_visual, dtype=torch.long, device=device)
     vis_slot[..., m.dst] = dst_slot
     src_slot = slot_base + n_dst + torch.arange(n_src, device=device)  # slot of a kept rank
-    vis_slot.scatter_(2, m.src[kept_src], src_slot[: kept_src.shape[-1]].expand(b, h, -1))
+    vis_slot.scatter_(2, m.src[kept_src], src_slot[: kept_src.shape[-1]].expand(b, heads, -1))
     drop_slot = slot_base + m.nearest.gather(2, dropped)
     vis_slot.scatter_(2, m.src[dropped], drop_slot)
     text_pos = _text_positions(layout, device)
@@ -200,7 +200,7 @@ def make_plan(m: Matching, n_keep: int, layout: Layout, mode: str = "replace") -
     restore = _with_text(vis_slot, text_slot, layout.text_first)
     if mode != "mean":
         return Plan(keep, restore)
-    count = torch.ones(b, h, keep.shape[-1], device=device)
+    count = torch.ones(b, heads, keep.shape[-1], device=device)
     count.scatter_add_(2, drop_slot, torch.ones_like(drop_slot, dtype=count.dtype))
     return Plan(keep, restore, m.src[dropped] + off, drop_slot, count)
 
@@ -232,17 +232,17 @@ def reduce_mask(
 
 
 def gather_mask_keys(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Attention mask (b, h, Mq, N) broadcastable to (B, H, Mq, N): keep the key columns of index."""
-    b, h, _ = index.shape
-    mask = mask.expand(b, h, mask.shape[-2], mask.shape[-1])
-    return mask.gather(3, index.unsqueeze(2).expand(b, h, mask.shape[-2], index.shape[-1]))
+    """Attention mask (b, heads, Mq, N) broadcastable to (B, H, Mq, N): keep the key columns of index."""
+    b, heads, _ = index.shape
+    mask = mask.expand(b, heads, mask.shape[-2], mask.shape[-1])
+    return mask.gather(3, index.unsqueeze(2).expand(b, heads, mask.shape[-2], index.shape[-1]))
 
 
 def gather_mask_queries(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Mask (b, h, N, K) with one row per query: keep the rows of index (B, H, L)."""
-    b, h, _ = index.shape
-    mask = mask.expand(b, h, mask.shape[-2], mask.shape[-1])
-    return mask.gather(2, index.unsqueeze(-1).expand(b, h, index.shape[-1], mask.shape[-1]))
+    """Mask (b, heads, N, K) with one row per query: keep the rows of index (B, H, L)."""
+    b, heads, _ = index.shape
+    mask = mask.expand(b, heads, mask.shape[-2], mask.shape[-1])
+    return mask.gather(2, index.unsqueeze(-1).expand(b, heads, index.shape[-1], mask.shape[-1]))
 
 
 def gather_seq(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
-class Plan:
+class RunPlan:
     """What one mode runs. `fixtures`: workload -> (steps, prompts); by default one generation
     per prompt, the first the warm-up. `scaled`: workload -> (blocks per container, steps)."""
 
@@ -53,16 +53,16 @@ class Plan:
 # fixture-50: CogVideoXPipeline's default step count, where the published 50-step schedules apply
 # without step subsampling; 3 prompts (fixture, at 20 steps, uses all 10).
 PLANS = {
-    "smoke": Plan({"fixture": (4, 3)}, {"cogvideox-2b": ((2,), 3)}, 1, "aot_eager", None),
-    "quick": Plan({"fixture": (20, 4)}, {"cogvideox-2b": ((4,), 10), "hunyuanvideo": ((1, 2), 10)}, 2,
+    "smoke": RunPlan({"fixture": (4, 3)}, {"cogvideox-2b": ((2,), 3)}, 1, "aot_eager", None),
+    "quick": RunPlan({"fixture": (20, 4)}, {"cogvideox-2b": ((4,), 10), "hunyuanvideo": ((1, 2), 10)}, 2,
                   "inductor", (1000, 2, 5)),
-    "full": Plan({"fixture": (20, 10), "fixture-50": (50, 3)}, {"cogvideox-2b": ((30,), 50),
+    "full": RunPlan({"fixture": (20, 10), "fixture-50": (50, 3)}, {"cogvideox-2b": ((30,), 50),
                  "hunyuanvideo": ((20, 40), 30), "wan2.1-1.3b": ((30,), 50)}, 3, "inductor", (4096, 6, 7),
                  scaled_core_only=False),
 }
 
 
-def workload_names(plan: Plan) -> list[str]:
+def workload_names(plan: RunPlan) -> list[str]:
     return [*plan.fixtures, *plan.scaled]
 
 
@@ -102,7 +102,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def selected_workloads(arg: str, mode: str, plan: Plan) -> set[str]:
+def selected_workloads(arg: str, mode: str, plan: RunPlan) -> set[str]:
     """The names --workloads asks for; an error naming the valid ones for any other."""
     only = {w.strip() for w in arg.split(",") if w.strip()}
     unknown = sorted(only - set(workload_names(plan)))
@@ -113,7 +113,7 @@ def selected_workloads(arg: str, mode: str, plan: Plan) -> set[str]:
     return only
 
 
-def build_workloads(plan: Plan, only: set[str], device: str, dtype: torch.dtype) -> Iterator[Callable[[], Workload]]:
+def build_workloads(plan: RunPlan, only: set[str], device: str, dtype: torch.dtype) -> Iterator[Callable[[], Workload]]:
     """Builders, in table order; each workload is built when its turn comes and freed after."""
     for name, (steps, prompts) in plan.fixtures.items():
         if not only or name in only:
@@ -123,7 +123,7 @@ def build_workloads(plan: Plan, only: set[str], device: str, dtype: torch.dtype)
             yield lambda s=SCALED[name], b=blocks, n=steps: scaled_workload(s, b, n, device, dtype)
 
 
-def selected(spec: MethodSpec, mode: str, wl: Workload, plan: Plan, pattern: str) -> str | None:
+def selected(spec: MethodSpec, mode: str, wl: Workload, plan: RunPlan, pattern: str) -> str | None:
     """None to run; else why the row is skipped. Rows of another workload are not shown."""
     if spec.workloads is not None and wl.name not in spec.workloads:
         return "n/a"
@@ -143,7 +143,7 @@ def _progress(res: Result, phase: str) -> None:
                    + (f"{res.ms_per_step:8.1f} ms/step" if res.ok and res.gen_s else res.status[:100]))
 
 
-def run_workload(wl: Workload, mode: str, plan: Plan, ctx: RunContext, reps: int, pattern: str) -> tuple[list[Result], dict]:
+def run_workload(wl: Workload, mode: str, plan: RunPlan, ctx: RunContext, reps: int, pattern: str) -> tuple[list[Result], dict]:
     call = count_call(wl.model, lambda: wl.example_call(wl.model))
     rows: list[Result | MethodSpec] = []  # table order: skipped rows in place, run ones filled in after
     for spec in METHODS:
@@ -170,7 +170,7 @@ def run_workload(wl: Workload, mode: str, plan: Plan, ctx: RunContext, reps: int
     return results, meta
 
 
-def run_site(plan: Plan) -> dict[str, Any]:
+def run_site(plan: RunPlan) -> dict[str, Any]:
     if plan.site is None:
         return {}
     from . import site
@@ -243,7 +243,7 @@ def quiet() -> None:
     dlog.set_verbosity_error()
 
 
-def run_all(args: argparse.Namespace, mode: str, plan: Plan, ctx: RunContext,
+def run_all(args: argparse.Namespace, mode: str, plan: RunPlan, ctx: RunContext,
             dtype: torch.dtype) -> tuple[list[Result], list[dict]]:
     """Every selected workload in table order, each built, run and freed in turn."""
     results, workloads = [], []
@@ -258,7 +258,7 @@ def run_all(args: argparse.Namespace, mode: str, plan: Plan, ctx: RunContext,
     return results, workloads
 
 
-def run_meta(args: argparse.Namespace, mode: str, plan: Plan, dtype: torch.dtype, argv: list[str] | None,
+def run_meta(args: argparse.Namespace, mode: str, plan: RunPlan, dtype: torch.dtype, argv: list[str] | None,
              start: float) -> dict[str, Any]:
     return {"date": dt.date.today().isoformat(), "device": device_name(), "mode": mode,
             "threads": torch.get_num_threads(), "compiler": plan.compiler, "dtype": str(dtype).replace("torch.", ""),

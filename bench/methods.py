@@ -116,7 +116,7 @@ def prepare_asymrnr(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx:
     compiled = asymrnr_fx.compile(model, cfg)
     rt = compiled.asymrnr
     rt.num_steps = wl.steps  # the manual loop has no pipeline to tell the cache its last steps
-    note = f"h={cfg.h_ratio}" if cfg.h_ratio else ""
+    note = f"h={cfg.reduction.h_ratio}" if cfg.reduction.h_ratio else ""
     if isinstance(cfg.cache, BlockCache) and cfg.cache.policy == "magnitude" and not cfg.cache.ratios:
         _calibrate(compiled, rt, wl)
         note = "calibrated on one dense generation of the calibration prompt (as MagCache)"

@@ -262,25 +262,25 @@ def fixture_workload(steps: int, prompts: int, device: str, dtype: torch.dtype,
                      name: str = "fixture") -> Workload:
     from asymrnr_fx.models import fixture
 
-    fx = fixture.load(device=device, dtype=dtype)
+    fixture_model = fixture.load(device=device, dtype=dtype)
     names = fixture.PROMPTS[:prompts]
 
     def generate(call: Call, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = fx.sample(names[i % len(names)], steps=steps, seed=i % len(names), transformer=call)
+        s = fixture_model.sample(names[i % len(names)], steps=steps, seed=i % len(names), transformer=call)
         return s.frames.float().cpu(), s.latents.float().cpu()
 
     def calibrate(call: Call) -> None:
-        fx.sample(fixture.PROMPTS[-1], steps=steps, seed=CALIBRATION_SEED, transformer=call)
+        fixture_model.sample(fixture.PROMPTS[-1], steps=steps, seed=CALIBRATION_SEED, transformer=call)
 
     calibration = f"'{fixture.PROMPTS[-1]}', seed {CALIBRATION_SEED}"
 
-    x = torch.randn(fx.latent_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    text, rope = fx.encode(names[0]), fx.rotary()
-    cfg = fx.transformer.config
-    blocks, (_, frames, _, height, width) = (cfg.num_layers,), fx.latent_shape
+    x = torch.randn(fixture_model.latent_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    text, rope = fixture_model.encode(names[0]), fixture_model.rotary()
+    cfg = fixture_model.transformer.config
+    blocks, (_, frames, _, height, width) = (cfg.num_layers,), fixture_model.latent_shape
     grid = (frames, height // cfg.patch_size, width // cfg.patch_size)
     return Workload(
-        name=name, model=fx.transformer, steps=steps, quality=True, generate=generate, prompts=len(names),
+        name=name, model=fixture_model.transformer, steps=steps, quality=True, generate=generate, prompts=len(names),
         calibrate=calibrate, example_call=lambda call: call(
             hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([999.0], device=device),
             image_rotary_emb=rope, return_dict=False),

@@ -207,3 +207,19 @@ def test_bad_input_is_a_clear_error(make, error, starts, contains, tmp_path):
     assert message.startswith(starts.replace("{tmp}", str(tmp_path))), message
     for part in contains:
         assert part.replace("{tmp}", str(tmp_path)) in message, message
+
+
+def test_reduction_is_its_own_config_composed_by_asymrnr_config():
+    from asymrnr_fx import Reduction
+
+    flat = AsymRnRConfig(q_ratio=0.3, kv_ratio=0.2, matching_every=3, compiler="aot_eager")
+    composed = AsymRnRConfig(reduction=Reduction(q_ratio=0.3, kv_ratio=0.2, matching_every=3), compiler="aot_eager")
+    assert flat == composed and flat.reduction.matching_every == 3
+    with pytest.raises(ConfigError, match="give reduction=Reduction"):
+        AsymRnRConfig(reduction=Reduction(), q_ratio=0.3)
+    with pytest.raises(ConfigError, match="reduction must be an asymrnr_fx.Reduction, got dict"):
+        AsymRnRConfig(reduction={"q_ratio": 0.3})
+    with pytest.raises(ConfigError, match="Did you mean 'q_ratio'"):
+        AsymRnRConfig(q_ration=0.3)
+    with pytest.raises(ConfigError, match="q_ratio must be a number in"):
+        Reduction(q_ratio=1.5)

@@ -23,14 +23,14 @@ SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="module")
-def fx() -> fixture.Fixture:
+def fixture_model() -> fixture.Fixture:
     return fixture.load(path=fixture.WEIGHTS)
 
 
 @pytest.fixture(scope="module")
-def samples(fx: fixture.Fixture) -> dict[tuple[str, int], torch.Tensor]:
+def samples(fixture_model: fixture.Fixture) -> dict[tuple[str, int], torch.Tensor]:
     """Every evaluation prompt at two seeds, 20 Euler steps, no CFG (~10 s on one core)."""
-    return {(p, s): fx.generate(p, steps=STEPS, seed=s) for p in fixture.PROMPTS for s in SEEDS}
+    return {(p, s): fixture_model.generate(p, steps=STEPS, seed=s) for p in fixture.PROMPTS for s in SEEDS}
 
 
 # --- data: prompts and measurement ------------------------------------------------------------
@@ -97,15 +97,15 @@ def test_noise_is_not_a_clip() -> None:
 # --- shipped weights --------------------------------------------------------------------------
 
 
-def test_weights_load_with_from_pretrained(fx: fixture.Fixture) -> None:
+def test_weights_load_with_from_pretrained(fixture_model: fixture.Fixture) -> None:
     direct = CogVideoXTransformer3DModel.from_pretrained(
         fixture.WEIGHTS / "transformer", low_cpu_mem_usage=False
     )
     cfg = direct.config
     assert cfg.in_channels == 3 and cfg.out_channels == 3 and cfg.patch_size == 2
     assert cfg.use_rotary_positional_embeddings and cfg.max_text_seq_length == 3
-    assert fx.latent_shape == (1, 8, 3, 16, 16)  # 8 x 8 x 8 = 512 visual tokens
-    for a, b in zip(direct.state_dict().values(), fx.transformer.state_dict().values(), strict=True):
+    assert fixture_model.latent_shape == (1, 8, 3, 16, 16)  # 8 x 8 x 8 = 512 visual tokens
+    for a, b in zip(direct.state_dict().values(), fixture_model.transformer.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     files = list(fixture.WEIGHTS.rglob("*.safetensors"))
     assert len(files) == 2 and sum(f.stat().st_size for f in files) <= 20 * 2**20
@@ -168,13 +168,13 @@ class Recorder:
         return self.model(**kwargs)
 
 
-def test_loop_contract_and_determinism(fx: fixture.Fixture) -> None:
+def test_loop_contract_and_determinism(fixture_model: fixture.Fixture) -> None:
     prompt, steps = "green square moving left", 6
-    recorder, seen = Recorder(fx.transformer), []
-    out = fx.sample(
+    recorder, seen = Recorder(fixture_model.transformer), []
+    out = fixture_model.sample(
         prompt, steps=steps, seed=SEED, transformer=recorder, callback=lambda i, t: seen.append((i, t))
     )
-    dense = fx.sample(prompt, steps=steps, seed=SEED)
+    dense = fixture_model.sample(prompt, steps=steps, seed=SEED)
     assert torch.equal(out.latents, dense.latents) and torch.equal(out.frames, dense.frames)
     timesteps = [c["timestep"] for c in recorder.calls]
     assert len(recorder.calls) == steps and [i for i, _ in seen] == list(range(steps))
@@ -182,30 +182,30 @@ def test_loop_contract_and_determinism(fx: fixture.Fixture) -> None:
     assert all(a.item() > b.item() for a, b in itertools.pairwise(timesteps))
     call = recorder.calls[0]
     assert call["hidden_states"].shape == (1, 8, 3, 16, 16) and call["return_dict"] is False
-    assert call["encoder_hidden_states"].shape == (1, 3, fx.transformer.config.text_embed_dim)
+    assert call["encoder_hidden_states"].shape == (1, 3, fixture_model.transformer.config.text_embed_dim)
 
 
-def test_passed_transformer_is_the_one_used(fx: fixture.Fixture) -> None:
+def test_passed_transformer_is_the_one_used(fixture_model: fixture.Fixture) -> None:
     def zero_velocity(**kwargs) -> tuple[torch.Tensor]:
         return (torch.zeros_like(kwargs["hidden_states"]),)
 
-    out = fx.sample("red circle static", steps=3, seed=4, transformer=zero_velocity)
-    assert torch.equal(out.latents, fixture.initial_noise(fx.latent_shape, seed=4))
+    out = fixture_model.sample("red circle static", steps=3, seed=4, transformer=zero_velocity)
+    assert torch.equal(out.latents, fixture.initial_noise(fixture_model.latent_shape, seed=4))
 
 
-def test_without_rotary_embedding_there_is_no_clip(fx: fixture.Fixture) -> None:
+def test_without_rotary_embedding_there_is_no_clip(fixture_model: fixture.Fixture) -> None:
     """Positions reach the model only through ``image_rotary_emb``: dropping it breaks samples."""
 
     def no_rope(**kwargs) -> tuple[torch.Tensor, ...]:
-        return fx.transformer(**{**kwargs, "image_rotary_emb": None})
+        return fixture_model.transformer(**{**kwargs, "image_rotary_emb": None})
 
-    video = fx.generate("red circle moving right", steps=STEPS, seed=SEED, transformer=no_rope)
+    video = fixture_model.generate("red circle moving right", steps=STEPS, seed=SEED, transformer=no_rope)
     assert not looks_like_clip(video)
 
 
-def test_seeds_differ_and_cfg_runs(fx: fixture.Fixture) -> None:
+def test_seeds_differ_and_cfg_runs(fixture_model: fixture.Fixture) -> None:
     prompt = "yellow circle moving down"
-    a, b = fx.generate(prompt, steps=8, seed=1), fx.generate(prompt, steps=8, seed=2)
-    guided = fx.generate(prompt, steps=8, seed=1, guidance_scale=3.0)
+    a, b = fixture_model.generate(prompt, steps=8, seed=1), fixture_model.generate(prompt, steps=8, seed=2)
+    guided = fixture_model.generate(prompt, steps=8, seed=1, guidance_scale=3.0)
     assert not torch.equal(a, b) and not torch.equal(a, guided)
     assert data.measure(guided).colour == "yellow"

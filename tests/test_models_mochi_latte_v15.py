@@ -190,22 +190,26 @@ def test_latte_sites_are_numbered_in_execution_order_and_classified():
     assert [s.block for s in spatial] == [0, 2, 4] and [s.block for s in temporal] == [1, 3, 5]
     assert all(s.reducible and s.layout == asymrnr_fx.tokens.Layout(0, LATTE_SPATIAL, False) for s in spatial)
     assert all("'attn2' is not self-attention" in s.reason for s in cross)
-    assert all("grid (4, 1, 1) (axes 'f')" in s.reason and s.grid == (4, 1, 1) for s in temporal)
-    assert compiled.asymrnr.rewrites["sites_found"] == 9 and compiled.asymrnr.rewrites["sites_reduced"] == 3
+    # temporal sequences run over the 4 frames of one position: reduced on their own grid (4, 1, 1)
+    assert all(s.reducible and s.grid == (4, 1, 1) and s.layout.n_visual == 4 for s in temporal)
+    assert compiled.asymrnr.rewrites["sites_found"] == 9 and compiled.asymrnr.rewrites["sites_reduced"] == 6
+    assert compiled.asymrnr.used_lengths[(0, 0)]["temporal_transformer_blocks.0.attn1"] == (2, 2)
 
 
 @contextlib.contextmanager
-def spatial_reference(q_ratio, kv_ratio, mode):
-    """The eager reference at Latte's spatial self-attention only: query and key over the 16
-    patches of one frame (the cross-attention has 5 keys, the temporal one 4 queries)."""
+def spatial_temporal_reference(q_ratio, kv_ratio, mode):
+    """The eager reference at both self-attentions, each on its own grid: spatial (1, 4, 4) over
+    the 16 patches of a frame, temporal (4, 1, 1) over the 4 frames of a position (the
+    cross-attention's 5 keys tell it apart from the temporal one's 4)."""
     original = torch.nn.functional.scaled_dot_product_attention
     calls = []
 
     def patched(query, key, value, *args, **kwargs):
-        if query.shape[-2] != LATTE_SPATIAL or key.shape[-2] != LATTE_SPATIAL:
+        n, grid = query.shape[-2], {LATTE_SPATIAL: (1, 4, 4), 4: (4, 1, 1)}.get(query.shape[-2])
+        if grid is None or key.shape[-2] != n:
             return original(query, key, value, *args, **kwargs)
-        calls.append(query.shape)
-        return ref_site(query, key, value, None, 0, False, (1, 4, 4), q_ratio, kv_ratio, "euclidean", mode)
+        calls.append(grid)
+        return ref_site(query, key, value, None, 0, False, grid, q_ratio, kv_ratio, "euclidean", mode)
 
     torch.nn.functional.scaled_dot_product_attention = patched
     try:
@@ -215,12 +219,12 @@ def spatial_reference(q_ratio, kv_ratio, mode):
 
 
 @pytest.mark.parametrize("q,kv,mode", [(0.5, 0.3, "replace"), (0.3, 0.5, "mean")])
-def test_latte_matches_reference_per_frame(q, kv, mode):
+def test_latte_matches_reference_per_frame_and_per_position(q, kv, mode):
     model, inputs = tiny_latte(), latte_inputs()
     got = run(asymrnr_fx.compile(model, cheap(q_ratio=q, kv_ratio=kv, reduce_mode=mode, split="fixed")), inputs, 900.0)
-    with spatial_reference(q, kv, mode) as calls:
+    with spatial_temporal_reference(q, kv, mode) as calls:
         want = run(model, inputs, 900.0)
-    assert calls == [torch.Size([4, 2, LATTE_SPATIAL, 8])] * 2  # batch = 4 frames, per spatial block
+    assert calls == [(1, 4, 4), (4, 1, 1)] * 2  # each block's self-attention, on its own grid
     assert (got - run(model, inputs, 900.0)).abs().max() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -233,8 +237,11 @@ def test_latte_ratio_zero_equals_baseline_and_generates_without_recompile():
     reduced = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.5, matching_every=2))
     generate(reduced, inputs)
     rt = reduced.asymrnr
-    assert rt.step == 3 and rt.stats["matchings"] == 2 * 2 * 2
-    assert rt.used_lengths[(3, 0)] == {f"transformer_blocks.{i}.attn1": (8, 8) for i in range(2)}
+    assert rt.step == 3 and rt.stats["matchings"] == 2 * 4 * 2  # windows x (2 spatial + 2 temporal sites) x (q, v)
+    assert rt.used_lengths[(3, 0)] == {
+        **{f"transformer_blocks.{i}.attn1": (8, 8) for i in range(2)},
+        **{f"temporal_transformer_blocks.{i}.attn1": (2, 2) for i in range(2)},
+    }
 
 
 LATTE_CACHES = [

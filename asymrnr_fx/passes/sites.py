@@ -90,7 +90,7 @@ class Site:
 @dataclass(frozen=True)
 class ModelInfo:
     adapter: ModelAdapter
-    grid: Grid  # the grid the backend reduces on: every reducible site's grid
+    grid: Grid  # the first container's sequence grid (every site carries its own: `Site.grid`)
     num_blocks: int
     timestep_index: int
     latent_index: int
@@ -150,16 +150,14 @@ def _why_not(node: fx.Node, attn: str, adapter: ModelAdapter, n_visual: int) -> 
 
 
 def reduction_grid(adapter: ModelAdapter, grid: Grid) -> Grid:
-    """The grid the backend reduces on: that of the first container's sequences."""
+    """The grid of the first container's sequences (the model's grid for most families)."""
     return adapter.sequence_grid(grid, adapter.block_containers[0][0])
 
 
 def _site_reason(node: fx.Node, where: tuple[int, str, str], adapter: ModelAdapter, grid: Grid) -> str:
-    """Why the site at `where` (block, attention, container) is not reducible, "" if it is."""
-    own, reduced = adapter.sequence_grid(grid, where[2]), reduction_grid(adapter, grid)
-    if own != reduced and where[1] in adapter.self_attention:
-        return (f"its sequences run over grid {own} (axes {adapter.axes(where[2])!r}), not the grid {reduced} "
-                "that this model is reduced on")
+    """Why the site at `where` (block, attention, container) is not reducible, "" if it is. Each
+    site is reduced on the grid of its own sequences (Latte's temporal blocks: (F, 1, 1))."""
+    own = adapter.sequence_grid(grid, where[2])
     return _why_not(node, where[1], adapter, own[0] * own[1] * own[2])
 
 
