@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import span, tokens
+from . import inductor_cache, span, tokens
 from .cache import BlockCache
 from .config import AsymRnRConfig, BackendConfigError, ConfigError
 from .models.adapter import UnsupportedModelError, adapter_for_classes
@@ -42,7 +42,11 @@ def inner_compile(gm: fx.GraphModule, inputs: Sequence[Any], cfg: AsymRnRConfig,
         from torch._inductor.compile_fx import compile_fx
 
         patches = {**(list_mode_options(cfg.mode) if cfg.mode else {}), **cfg.inductor_options}
-        fn = compile_fx(gm, list(inputs), config_patches=patches)
+        # Lazy compiles run outside Dynamo: without these, both of Inductor's on-disk caches are
+        # bypassed and every new process recompiles every segment (see inductor_cache).
+        with inductor_cache.tracing_context() as mode:
+            lowered = inductor_cache.lower_for_cache(gm, inputs)
+            fn = compile_fx(lowered, inductor_cache.static_inputs(inputs, mode), config_patches=patches)
     elif cfg.compiler == "aot_eager":
         fn = torch._dynamo.lookup_backend("aot_eager")(gm, list(inputs))
     else:

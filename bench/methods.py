@@ -335,6 +335,9 @@ METHODS: list[MethodSpec] = [
     spec("asymrnr q=0.3 kv=0.3", "asymrnr", "ours", compiled=True, modes=QUICK, workloads=FIXTURES, q=0.3,
          kv=0.3),
     spec("asymrnr q=0.5 kv=0.5", "asymrnr", "ours", compiled=True, modes=FULL, q=0.5, kv=0.5),
+    # near-zero ratios: what the segmentation, gathers and matchings cost with almost nothing removed
+    spec("asymrnr q=0.01 kv=0.01 (segmentation overhead)", "asymrnr", "ours", compiled=True, modes=FULL,
+         workloads=FIXTURES, q=0.01, kv=0.01),
     spec("asymrnr q=0.7 kv=0.5", "asymrnr", "ours", compiled=True, modes=FULL, q=0.7, kv=0.5),
     spec("asymrnr q-only 0.5", "asymrnr", "ours", compiled=True, q=0.5),
     spec("asymrnr kv-only 0.5", "asymrnr", "ours", compiled=True, kv=0.5),
