@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test fixture bench bench-quick bench-site clean
+.PHONY: demo test fixture fixture-deep bench bench-quick bench-site clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 fixture: $(STAMP)
 	$(PY) -m asymrnr_fx.models.fixture.train --out models/fixture/weights --minutes 58 --seed 0 \
 		--threads 2 --lr 8e-4 --warmup 200 --sigma-mean 0.5
+
+# the deep fixture (8 blocks of width 64: attention ~57% of the forward FLOPs), same data and prompts
+fixture-deep: $(STAMP)
+	$(PY) -m asymrnr_fx.models.fixture.train --out models/fixture/weights-deep --minutes 52 --seed 0 \
+		--threads 2 --lr 8e-4 --warmup 200 --sigma-mean 0.5 --num-layers 8 --num-heads 2 --head-dim 32
 
 # peers for `python -m bench`; para-attn 0.3.38 names a git URL in its dev extra, which pip >= 26.3
 # refuses even with --no-deps, so an older pip (kept inside .venv) installs it
