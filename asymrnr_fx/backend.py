@@ -14,6 +14,7 @@ query / value inputs and passed to the compiled segment as explicit index inputs
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,10 +23,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import inductor_cache, span, tokens
+from . import inductor_cache, skip_dit, span, tokens
 from .cache import BlockCache
 from .config import AsymRnRConfig, BackendConfigError, ConfigError
-from .models.adapter import UnsupportedModelError, adapter_for_classes
+from .models.adapter import ModelAdapter, UnsupportedModelError, adapter_for_classes
 from .passes import blocks, segment, sites
 from .passes import reduce_attention as ra
 from .passes import symmetric as sym
@@ -356,11 +357,22 @@ def asymrnr_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict |
         raise BackendConfigError(str(err)).with_traceback(err.__traceback__) from None
 
 
+def _with_graph_skips(adapter: ModelAdapter, classes: set[type]) -> ModelAdapter:
+    """The adapter for this graph: one with `long_skips` when the traced model carries Skip-DiT
+    branches (`skip_dit.convert`: its `SkipBranch` modules are among the classes of the graph's
+    module stacks, `classes`); the span cache then stores the deep feature
+    (`span.CachedSpan(outputs=True)`), as on HunyuanDiT."""
+    if adapter.long_skips or skip_dit.SkipBranch not in classes:
+        return adapter
+    return dataclasses.replace(adapter, long_skips=True)
+
+
 def _compile_model(gm: fx.GraphModule, example_inputs: list, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> CompiledFn:
     if not cfg.enabled:
         return _dense(gm, example_inputs, cfg, rt, "")
     try:
-        adapter = adapter_for_classes(sites.module_classes(gm))
+        classes = sites.module_classes(gm)
+        adapter = _with_graph_skips(adapter_for_classes(classes), classes)
         info = sites.model_info(gm, adapter, example_inputs)
     except UnsupportedModelError as err:
         if cfg.on_unsupported == "error":
