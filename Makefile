@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: demo test fixture fixture-deep bench bench-quick bench-site clean
+.PHONY: demo test fixture fixture-deep fixture-deep-skip bench bench-quick bench-site clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ fixture: $(STAMP)
 fixture-deep: $(STAMP)
 	$(PY) -m asymrnr_fx.models.fixture.train --out models/fixture/weights-deep --minutes 52 --seed 0 \
 		--threads 2 --lr 8e-4 --warmup 200 --sigma-mean 0.5 --num-layers 8 --num-heads 2 --head-dim 32
+
+# the deep fixture's Skip-DiT twin: long skip branches added (zero-initialised), stage 1 trains only
+# them, stage 2 everything (the Skip-DiT release's two-stage recipe, scaled down; 40 minutes)
+fixture-deep-skip: $(STAMP)
+	$(PY) -m asymrnr_fx.models.fixture.train --init models/fixture/weights-deep --out models/fixture/weights-deep-skip \
+		--minutes 10 --seed 0 --threads 2 --lr 8e-4 --warmup 100 --sigma-mean 0.5 --num-layers 8 --num-heads 2 \
+		--head-dim 32 --skip-dit --train branches
+	$(PY) -m asymrnr_fx.models.fixture.train --init models/fixture/weights-deep-skip --out models/fixture/weights-deep-skip \
+		--minutes 30 --seed 1 --threads 2 --lr 3e-4 --warmup 100 --sigma-mean 0.5 --num-layers 8 --num-heads 2 \
+		--head-dim 32 --train all
 
 # peers for `python -m bench`; para-attn 0.3.38 names a git URL in its dev extra, which pip >= 26.3
 # refuses even with --no-deps, so an older pip (kept inside .venv) installs it
