@@ -171,3 +171,21 @@ def test_magnitude_policy_on_long_skips_is_a_clear_error():
                                                         cache=BlockCache(policy="magnitude")))
     with pytest.raises(ConfigError, match="has long skips and caches the span's output"):
         call(ours, inputs(), 900.0)
+
+
+@pytest.mark.inductor
+def test_skip_cache_on_long_skips_with_inductor_end_to_end():
+    x = inputs()
+    cfg = AsymRnRConfig(q_ratio=0.5, kv_ratio=0.3, cache=SkipCache(interval=2))
+    ours = asymrnr_fx.compile(tiny_hunyuan_dit(), cfg)
+    got = [call(ours, x, TIMESTEPS[0])]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got += generate(ours, x, TIMESTEPS[1:])
+    torch._dynamo.reset()
+    cheap_run = generate(asymrnr_fx.compile(tiny_hunyuan_dit(), cheap(q_ratio=0.5, kv_ratio=0.3,
+                                                                      cache=SkipCache(interval=2))), x)
+    for g, w in zip(got, cheap_run):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    rt = ours.asymrnr
+    assert [s for (s, _), (_, skipped) in rt.cache_log.items() if skipped] == [3, 5, 7]
+    assert rt.rewrites["sites_reduced"] == 6 and rt.stats["compiles"] >= 3
