@@ -5,13 +5,11 @@ eager Skip-DiT Skip-Cache written here."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from diffusers import HunyuanDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
-from test_reference import ref_site
+from test_reference import reference_self_attention
 
 import asymrnr_fx
 from asymrnr_fx import AsymRnRConfig, BlockCache, ConfigError, SkipCache
@@ -56,26 +54,6 @@ def generate(model, x: dict, timesteps=TIMESTEPS) -> list[torch.Tensor]:
     return [call(model, x, t) for t in timesteps]
 
 
-@contextlib.contextmanager
-def reference_self_attention(q_ratio: float, kv_ratio: float):
-    """SDPA patched with the reference where queries and keys are both the image tokens."""
-    original = torch.nn.functional.scaled_dot_product_attention
-    calls = []
-
-    def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if query.shape[-2] != N or key.shape[-2] != N:
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, **kw)
-        calls.append(tuple(query.shape))
-        return ref_site(query, key, value, attn_mask, 0, False, GRID, q_ratio, kv_ratio, "euclidean", "replace")
-
-    torch.nn.functional.scaled_dot_product_attention = patched
-    try:
-        yield calls
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-
-
 def test_sites_found_and_classified():
     compiled = asymrnr_fx.compile(tiny_hunyuan_dit(), cheap(q_ratio=0.5, kv_ratio=0.3))
     call(compiled, inputs(), 900.0)
@@ -92,7 +70,7 @@ def test_sites_found_and_classified():
 def test_reduction_matches_the_eager_reference():
     model, x = tiny_hunyuan_dit(num_layers=4), inputs()
     got = call(asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3, split="fixed")), x, 900.0)
-    with reference_self_attention(0.5, 0.3) as calls:
+    with reference_self_attention({N: GRID}, 0.5, 0.3) as calls:
         want = call(model, x, 900.0)
     assert len(calls) == 4
     assert (got - call(model, x, 900.0)).abs().max() > 1e-3

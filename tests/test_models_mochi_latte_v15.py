@@ -5,14 +5,12 @@ except one Inductor test."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from conftest import run
 from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel, MochiTransformer3DModel
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15Transformer3DModel
-from test_reference import ref_site, reference_attention
+from test_reference import reference_attention, reference_self_attention
 
 import asymrnr_fx
 from asymrnr_fx import AsymRnRConfig, BlockCache, SkipCache
@@ -196,33 +194,11 @@ def test_latte_sites_are_numbered_in_execution_order_and_classified():
     assert compiled.asymrnr.used_lengths[(0, 0)]["temporal_transformer_blocks.0.attn1"] == (2, 2)
 
 
-@contextlib.contextmanager
-def spatial_temporal_reference(q_ratio, kv_ratio, mode):
-    """The eager reference at both self-attentions, each on its own grid: spatial (1, 4, 4) over
-    the 16 patches of a frame, temporal (4, 1, 1) over the 4 frames of a position (the
-    cross-attention's 5 keys tell it apart from the temporal one's 4)."""
-    original = torch.nn.functional.scaled_dot_product_attention
-    calls = []
-
-    def patched(query, key, value, *args, **kwargs):
-        n, grid = query.shape[-2], {LATTE_SPATIAL: (1, 4, 4), 4: (4, 1, 1)}.get(query.shape[-2])
-        if grid is None or key.shape[-2] != n:
-            return original(query, key, value, *args, **kwargs)
-        calls.append(grid)
-        return ref_site(query, key, value, None, 0, False, grid, q_ratio, kv_ratio, "euclidean", mode)
-
-    torch.nn.functional.scaled_dot_product_attention = patched
-    try:
-        yield calls
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-
-
 @pytest.mark.parametrize("q,kv,mode", [(0.5, 0.3, "replace"), (0.3, 0.5, "mean")])
 def test_latte_matches_reference_per_frame_and_per_position(q, kv, mode):
     model, inputs = tiny_latte(), latte_inputs()
     got = run(asymrnr_fx.compile(model, cheap(q_ratio=q, kv_ratio=kv, reduce_mode=mode, split="fixed")), inputs, 900.0)
-    with spatial_temporal_reference(q, kv, mode) as calls:
+    with reference_self_attention({LATTE_SPATIAL: (1, 4, 4), 4: (4, 1, 1)}, q, kv, mode=mode) as calls:
         want = run(model, inputs, 900.0)
     assert calls == [(1, 4, 4), (4, 1, 1)] * 2  # each block's self-attention, on its own grid
     assert (got - run(model, inputs, 900.0)).abs().max() > 1e-3

@@ -6,7 +6,6 @@ and LTX-Video; a tiny Wan 2.2 A14B pipeline (two transformers, one runtime each)
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
-from test_reference import ref_site
+from test_reference import reference_self_attention
 
 import asymrnr_fx
 from asymrnr_fx import AsymRnRConfig, BlockCache
@@ -166,28 +165,6 @@ def generate(model, fam: Family, inputs: dict, timesteps) -> list[torch.Tensor]:
     return [call(model, fam, inputs, t) for t in timesteps]
 
 
-@contextlib.contextmanager
-def reference_self_attention(q_ratio: float, kv_ratio: float, metric: str = "euclidean", mode: str = "replace"):
-    """Eager SDPA patched as in test_reference, but only where queries and keys are both the
-    video tokens (these families have no text in the self-attention; their cross-attention
-    queries are video tokens too, so the query length alone cannot tell them apart)."""
-    original = torch.nn.functional.scaled_dot_product_attention
-    calls = []
-
-    def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if query.shape[-2] != N_VISUAL or key.shape[-2] != N_VISUAL:
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, **kw)
-        calls.append(tuple(query.shape))
-        return ref_site(query, key, value, attn_mask, 0, False, GRID, q_ratio, kv_ratio, metric, mode)
-
-    torch.nn.functional.scaled_dot_product_attention = patched
-    try:
-        yield calls
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-
-
 # ---- sites and classification ----------------------------------------------------------------
 @each_family
 def test_sites_found_and_classified(fam):
@@ -223,7 +200,7 @@ def test_reduction_matches_the_eager_reference(fam, q, kv, mode):
     model, inputs = fam.build(num_layers=2), fam.inputs()
     cfg = cheap(q_ratio=q, kv_ratio=kv, reduce_mode=mode, split="fixed")
     got = call(asymrnr_fx.compile(model, cfg), fam, inputs, 900.0)
-    with reference_self_attention(q, kv, mode=mode) as calls:
+    with reference_self_attention({N_VISUAL: GRID}, q, kv, mode=mode) as calls:
         want = call(model, fam, inputs, 900.0)
     assert len(calls) == 2  # the reference ran at both self-attentions, and only there
     dense = call(model, fam, inputs, 900.0)

@@ -117,6 +117,30 @@ def reference_attention(n_total, n_text, text_first, grid, q_ratio, kv_ratio, me
         torch.nn.functional.scaled_dot_product_attention = original
 
 
+@contextlib.contextmanager
+def reference_self_attention(grids: dict, q_ratio, kv_ratio, metric="euclidean", mode="replace"):
+    """SDPA patched with the reference at self-attention over visual tokens only (no text in the
+    sequence): a call whose query and key lengths are equal and a key of `grids` (length -> its
+    (F, H, W) grid) runs the reference on that grid, recorded in the yielded list; every other
+    call (cross-attention: queries are visual tokens there too) runs SDPA."""
+    original = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        n, grid = query.shape[-2], grids.get(query.shape[-2])
+        if grid is None or key.shape[-2] != n:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **kw)
+        calls.append(grid)
+        return ref_site(query, key, value, attn_mask, 0, False, grid, q_ratio, kv_ratio, metric, mode)
+
+    torch.nn.functional.scaled_dot_product_attention = patched
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
 CASES = [
     (0.5, 0.0, "euclidean", "replace"),
     (0.0, 0.5, "euclidean", "replace"),
