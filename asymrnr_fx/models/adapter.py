@@ -73,6 +73,13 @@ class ModelAdapter:
         return tuple(size if axis in axes else 1 for size, axis in zip(grid, "fhw"))
 
 
+def conv3d_grid(latent: tuple[int, ...], weight: tuple[int, ...]) -> Grid:
+    """(B, C, F, H, W) latent and Conv3d patch weight (O, C, pt, ph, pw) -> (F/pt, H/ph, W/pw)
+    (HunyuanVideo, Wan, SkyReels-V2)."""
+    _, _, frames, height, width = latent
+    return frames // weight[-3], height // weight[-2], width // weight[-1]
+
+
 ADAPTERS: dict[type, ModelAdapter] = {}
 
 

@@ -10,14 +10,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoTransformerBlock,
 )
 
-from .adapter import Grid, ModelAdapter, register
-
-
-def hunyuan_grid(latent: tuple[int, ...], weight: tuple[int, ...]) -> Grid:
-    """(B, C, F, H, W) latent and Conv3d patch weight (O, C, pt, p, p) -> (F/pt, H/p, W/p)."""
-    _, _, frames, height, width = latent
-    return frames // weight[-3], height // weight[-2], width // weight[-1]
-
+from .adapter import ModelAdapter, conv3d_grid, register
 
 HUNYUAN_VIDEO = register(
     ModelAdapter(
@@ -30,6 +23,6 @@ HUNYUAN_VIDEO = register(
         self_attention=("attn",),
         text_first=False,
         patch_weight="x_embedder.proj.weight",
-        grid=hunyuan_grid,
+        grid=conv3d_grid,
     )
 )

@@ -14,8 +14,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
     HunyuanVideo15TransformerBlock,
 )
 
-from .adapter import ModelAdapter, register
-from .hunyuan_video import hunyuan_grid
+from .adapter import ModelAdapter, conv3d_grid, register
 
 HUNYUAN_VIDEO15 = register(
     ModelAdapter(
@@ -25,6 +24,6 @@ HUNYUAN_VIDEO15 = register(
         self_attention=("attn",),
         text_first=False,
         patch_weight="x_embedder.proj.weight",
-        grid=hunyuan_grid,
+        grid=conv3d_grid,
     )
 )

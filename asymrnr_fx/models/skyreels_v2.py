@@ -8,8 +8,7 @@ from __future__ import annotations
 from diffusers import SkyReelsV2Transformer3DModel
 from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2TransformerBlock
 
-from .adapter import ModelAdapter, register
-from .wan import conv3d_grid
+from .adapter import ModelAdapter, conv3d_grid, register
 
 SKYREELS_V2 = register(
     ModelAdapter(

@@ -8,14 +8,7 @@ from __future__ import annotations
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-from .adapter import Grid, ModelAdapter, register
-
-
-def conv3d_grid(latent: tuple[int, ...], weight: tuple[int, ...]) -> Grid:
-    """(B, C, F, H, W) latent and Conv3d patch weight (O, C, pt, ph, pw) -> (F/pt, H/ph, W/pw)."""
-    _, _, frames, height, width = latent
-    return frames // weight[-3], height // weight[-2], width // weight[-1]
-
+from .adapter import ModelAdapter, conv3d_grid, register
 
 WAN = register(
     ModelAdapter(
