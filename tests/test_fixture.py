@@ -7,15 +7,17 @@ validated on rendered ground-truth clips, then applied to generations of the tra
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
 import torch
+from diffusers import CogVideoXTransformer3DModel
+
 from asymrnr_fx.models import fixture
 from asymrnr_fx.models.fixture import data, evaluate
 from asymrnr_fx.models.fixture.evaluate import frame_motion, looks_like_clip
 from asymrnr_fx.models.fixture.model import FixtureConfig
-from diffusers import CogVideoXTransformer3DModel
 
 STEPS = 20
 SEED = 0
@@ -209,3 +211,18 @@ def test_seeds_differ_and_cfg_runs(fixture_model: fixture.Fixture) -> None:
     guided = fixture_model.generate(prompt, steps=8, seed=1, guidance_scale=3.0)
     assert not torch.equal(a, b) and not torch.equal(a, guided)
     assert data.measure(guided).colour == "yellow"
+
+
+def test_deep_fixture_ships_with_its_recipe() -> None:
+    """The deep fixture: >= 8 blocks, attention >= 50% of the forward FLOPs (N / (N + 6 D) for
+    N tokens of width D: attention 4 N^2 D against 24 N D^2 of projections and FFN), trained by
+    one recorded run within 60 minutes, and loadable like the shallow one."""
+    deep = fixture.load(path=fixture.DEEP_WEIGHTS)
+    cfg = deep.transformer.config
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    _, frames, _, height, width_px = deep.latent_shape
+    n_tokens = frames * (height // cfg.patch_size) * (width_px // cfg.patch_size) + 3  # + 3 prompt tokens
+    assert cfg.num_layers >= 8 and n_tokens / (n_tokens + 6 * width) >= 0.5
+    meta = json.loads((fixture.DEEP_WEIGHTS / "training.json").read_text())
+    assert len(meta["stages"]) == 1 and meta["stages"][0]["finished"] and meta["total_wall_s"] <= 3600
+    assert "--num-layers 8" in meta["stages"][0]["command"]
