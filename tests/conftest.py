@@ -121,3 +121,13 @@ def inner_compiled_code(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(backend, "inner_compile", spy)
     return codes
+
+
+def skip_dit_reuse(timesteps: list[float], interval: int) -> list[bool]:
+    """Skip-DiT's release rule, written plainly: a step reuses the deep feature unless t >= 700 or
+    t <= 50, or it is every `interval`-th step since the last full one."""
+    reuse, since_full = [], 0
+    for t in timesteps:
+        reuse.append(50 < t < 700 and since_full % interval != 0)
+        since_full = since_full + 1 if reuse[-1] else 1
+    return reuse

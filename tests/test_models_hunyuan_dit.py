@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import skip_dit_reuse
 from diffusers import HunyuanDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from test_reference import reference_self_attention
@@ -107,10 +108,9 @@ def _eager_skip_cache(model: HunyuanDiT2DModel, x: dict, interval: int) -> list[
     store, n = {"reuse": False}, len(model.blocks)
     for i in range(1, n - 1):
         model.blocks[i] = _SkipDiTSpan(model.blocks[i], store, last=i == n - 2)
-    outs, since_full = [], 0
-    for t in TIMESTEPS:
-        store["reuse"] = 50 < t < 700 and since_full % interval != 0
-        since_full = since_full + 1 if store["reuse"] else 1
+    outs = []
+    for t, reuse in zip(TIMESTEPS, skip_dit_reuse(TIMESTEPS, interval)):
+        store["reuse"] = reuse
         outs.append(call(model, x, t))
     return outs
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cogvideox_inputs, hunyuan_inputs, run, tiny_cogvideox
+from conftest import cogvideox_inputs, hunyuan_inputs, run, skip_dit_reuse, tiny_cogvideox
 from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel
 
 import asymrnr_fx
@@ -228,10 +228,9 @@ def _eager_skip_cache(model, x: dict, interval: int) -> list[torch.Tensor]:
             if 1 <= k < n - 1:
                 container[j] = _SkippedSpan(container[j], store, last=k == n - 2)
             k += 1
-    outs, since_full = [], 0
-    for t in TIMESTEPS:
-        store["reuse"] = 50 < t < 700 and since_full % interval != 0
-        since_full = since_full + 1 if store["reuse"] else 1
+    outs = []
+    for t, reuse in zip(TIMESTEPS, skip_dit_reuse(TIMESTEPS, interval)):
+        store["reuse"] = reuse
         outs.append(run(model, x, t))
     return outs
 
