@@ -31,11 +31,12 @@ def cogvideox_inputs(batch: int = 1, frames: int = 3, size: int = 16, seed: int 
     }
 
 
-def tiny_hunyuan(seed: int = 0) -> HunyuanVideoTransformer3DModel:
+def tiny_hunyuan(seed: int = 0, double: int = 1, single: int = 1) -> HunyuanVideoTransformer3DModel:
+    """`double` double-stream then `single` single-stream blocks."""
     torch.manual_seed(seed)
     return HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=double,
+        num_single_layers=single, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
         pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
     ).eval()
 

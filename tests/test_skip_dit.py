@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cogvideox_inputs, hunyuan_inputs, run, skip_dit_reuse, tiny_cogvideox
+from conftest import cogvideox_inputs, hunyuan_inputs, run, skip_dit_reuse, tiny_cogvideox, tiny_hunyuan
 from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel
 
 import asymrnr_fx
@@ -19,12 +19,7 @@ TIMESTEPS = [900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0, 200.0, 100.0, 40.0
 
 def tiny_hunyuan4(seed: int = 0) -> HunyuanVideoTransformer3DModel:
     """2 double-stream + 2 single-stream blocks: skips 1 -> 2 (double to single) and 0 -> 3."""
-    torch.manual_seed(seed)
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-        num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
-        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
-    ).eval()
+    return tiny_hunyuan(seed, double=2, single=2)
 
 
 FAMILIES = {
