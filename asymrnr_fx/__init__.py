@@ -10,6 +10,9 @@ import torch
 from . import pipeline_hook
 from .cache import BlockCache, SkipCache
 from .config import AsymRnRConfig, ConfigError, Reduction
+from .errors import ExportError
+from .exporter import export
+from .package import ExportedTransformer, load_exported
 from .runtime import AsymRnRRuntime, runtime_of
 from .schedule import Schedule, ScheduleError
 
@@ -18,11 +21,15 @@ __all__ = [
     "AsymRnRRuntime",
     "BlockCache",
     "ConfigError",
+    "ExportError",
+    "ExportedTransformer",
     "Reduction",
     "Schedule",
     "ScheduleError",
     "SkipCache",
     "compile",
+    "export",
+    "load_exported",
     "runtime_of",
 ]
 

@@ -119,8 +119,12 @@ class _Segment:
         key = self._key(args, variant)
         fn = self.rt.compiled.get(key)
         if fn is None:
-            fn = self.rt.compiled[key] = inner_compile(build(), [*args, *extra], self.cfg, self.rt)
+            compile_segment = self.rt.segment_compiler or self._inner_compile
+            fn = self.rt.compiled[key] = compile_segment(key, build, [*args, *extra])
         return fn
+
+    def _inner_compile(self, key: tuple, build: Callable[[], fx.GraphModule], inputs: list) -> CompiledFn:
+        return inner_compile(build(), inputs, self.cfg, self.rt)
 
     def _copy(self) -> fx.GraphModule:
         """A private copy of the segment for one variant's rewrite."""

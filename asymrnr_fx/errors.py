@@ -8,6 +8,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and the fix."""
 
 
+class ExportError(RuntimeError):
+    """A model cannot be exported, or a package cannot serve a call; the message says why and what
+    the package was built for."""
+
+
 def reject_unknown(given: Iterable[str], known: list[str], prefix: str = "", where: str = "") -> None:
     """A ConfigError for the first of `given` not in `known`, with a did-you-mean; option names
     are shown with `prefix` (e.g. "cache_"), `where` says which config they were meant for."""

@@ -96,6 +96,11 @@ class AsymRnRRuntime:
         self.compile_seconds = 0.0
         self.rewrites: Counter = Counter()  # what the graph passes changed
         self.compiled: dict[tuple, Any] = {}  # (segment structure, variant, strides) -> callable
+        # (key, build, inputs) -> callable for a key not in `compiled` (None: Inductor or the
+        # configured inner compiler); `asymrnr_fx.export` records programs through it, and a
+        # loaded package refuses to compile through it
+        self.segment_compiler: Callable[[tuple, Callable, list], Any] | None = None
+        self.compute_all = False  # exporting: every cached span computes, so every variant is seen
         self.info: Any = None
         self.active_sites: set[str] = set()  # sites with a reducing segment (others stay dense)
         self.symmetric_points: dict[str, Any] = {}  # symmetric mode: each site's rewrite points
@@ -339,7 +344,8 @@ _RUNTIMES: dict[int, tuple[weakref.ref, AsymRnRRuntime]] = {}
 def register_runtime(anchor: torch.Tensor, runtime: AsymRnRRuntime) -> None:
     """Remember the runtime of the model that owns parameter `anchor`."""
     key = id(anchor)
-    _RUNTIMES[key] = (weakref.ref(anchor, lambda _: _RUNTIMES.pop(key, None)), runtime)
+    # the table is bound now: at interpreter exit the module's globals may already be None
+    _RUNTIMES[key] = (weakref.ref(anchor, lambda _, table=_RUNTIMES: table.pop(key, None)), runtime)
 
 
 def runtime_for_anchor(anchor: torch.Tensor) -> AsymRnRRuntime | None:
@@ -349,6 +355,8 @@ def runtime_for_anchor(anchor: torch.Tensor) -> AsymRnRRuntime | None:
 
 def runtime_of(model: torch.nn.Module) -> AsymRnRRuntime:
     """The runtime of a model compiled with backend="asymrnr" (after its first call)."""
+    if isinstance(own := model.__dict__.get("asymrnr"), AsymRnRRuntime):  # asymrnr_fx.compile, a loaded package
+        return own
     inner = getattr(model, "_orig_mod", model)
     for p in inner.parameters():
         if (rt := runtime_for_anchor(p)) is not None:

@@ -77,7 +77,7 @@ class CachedSpan:
         """(change, accumulated magnitude ratio) to record when this step reuses the span; None:
         compute it."""
         rt, cfg = self.rt, self.config
-        if self.disabled or cache.forced_full(cfg, state, rt.step, rt.num_steps):
+        if self.disabled or rt.compute_all or cache.forced_full(cfg, state, rt.step, rt.num_steps):
             return None
         if isinstance(cfg, cache.SkipCache):
             return (0.0, 1.0) if cache.skip_cache_decides(cfg, state, rt.timestep) else None
