@@ -273,7 +273,7 @@ def _cache_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -
     if cfg.cache is None:
         return {}, None
     bounds = blocks.find_bounds(gm.graph, info.adapter, info.block_offsets, info.num_blocks)
-    a, b = cfg.cache.span(info.num_blocks)
+    a, b = span.span_of(cfg.cache, info.adapter, info.num_blocks)
     needs_signal = isinstance(cfg.cache, BlockCache) and cfg.cache.needs_signal
     signal = blocks.insert_signal(gm.graph, bounds, a) if needs_signal else None
     starts = [*bounds.starts, bounds.epilogue]

@@ -157,11 +157,28 @@ def _signal_position(top: fx.GraphModule, outer: fx.GraphModule, signal: str) ->
     return inputs.index(carried) if carried in inputs else None
 
 
+def span_of(config: cache.CacheConfig, adapter: Any, num_blocks: int) -> tuple[int, int]:
+    """The cached span [a, b) of blocks. Where the adapter's containers interleave (Latte: a
+    spatial then a temporal block make one layer, each reading the sequences of its own axes), the
+    head and the tail grow to whole layers: a span starting inside a layer would be handed another
+    sequence layout than block 0's."""
+    a, b = config.span(num_blocks)
+    if adapter.interleaved:
+        layer = len(adapter.block_containers)
+        a, b = -(-a // layer) * layer, b // layer * layer
+        if a >= b:
+            raise ConfigError(
+                f"{config} leaves no whole layer to skip in {adapter.family} ({num_blocks} blocks, layers of "
+                f"{layer}: head and tail grow to whole layers). Compute fewer blocks at the ends."
+            )
+    return a, b
+
+
 def wrap(top: fx.GraphModule, part_blocks: dict[str, int], config: cache.CacheConfig, num_blocks: int,
          rt: Any, signal: str | None) -> fx.GraphModule:
     """Group `top`'s segments around the cache's span and put the cache on the span's group;
     `signal` names the node (an input of the span) holding the adaptive policy's signal."""
-    a, b = config.span(num_blocks)
+    a, b = span_of(config, rt.info.adapter, num_blocks)
 
     def group(block: int) -> int:
         return 0 if block < a else 1 if block < b else 2

@@ -56,7 +56,7 @@ PLANS = {
     "smoke": RunPlan({"fixture": (4, 3)}, {"cogvideox-2b": ((2,), 3)}, 1, "aot_eager", None),
     "quick": RunPlan({"fixture": (20, 4)}, {"cogvideox-2b": ((4,), 10), "hunyuanvideo": ((1, 2), 10)}, 2,
                   "inductor", (1000, 2, 5)),
-    "full": RunPlan({"fixture": (20, 10), "fixture-50": (50, 3)}, {"cogvideox-2b": ((30,), 50),
+    "full": RunPlan({"fixture": (20, 10), "fixture-50": (50, 3), "deep-50": (50, 3), "deep-skip-50": (50, 3)}, {"cogvideox-2b": ((30,), 50),
                  "hunyuanvideo": ((20, 40), 30), "wan2.1-1.3b": ((30,), 50)}, 3, "inductor", (4096, 6, 7),
                  scaled_core_only=False),
 }

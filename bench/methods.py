@@ -32,7 +32,8 @@ ALL_MODES = frozenset({"smoke", "quick", "full"})
 QUICK = frozenset({"quick", "full"})
 FULL = frozenset({"full"})
 NEVER: frozenset[str] = frozenset()
-FIXTURES = frozenset({"fixture", "fixture-50"})  # the trained model: every workload with fidelity
+DEEP = frozenset({"deep-50", "deep-skip-50"})  # the deep pair: plain and Skip-DiT (issue 10)
+FIXTURES = frozenset({"fixture", "fixture-50"}) | DEEP  # the trained models: every workload with fidelity
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,9 @@ CACHES: list[tuple[str, BlockCache | SkipCache, frozenset[str], frozenset[str], 
      ALL_MODES, ALL_MODES, FULL),
     ("SkipCache N3-700-50", SkipCache(interval=3, full_above=700, full_below=50, blocks=1), FULL, FULL,
      FULL),
+    # the deep pair's Skip-Cache sweep: longer intervals, and without the always-full ends
+    *[(f"SkipCache N{n}-{above}-{below}", SkipCache(interval=n, full_above=above, full_below=below, blocks=1),
+       FULL, NEVER, NEVER) for n, above, below in ((4, 700, 50), (2, 1000, 0), (3, 1000, 0), (4, 1000, 0))],
 ]
 
 

@@ -258,11 +258,26 @@ def scaled_workload(spec: ScaledSpec, blocks: tuple[int, ...], steps: int, devic
 CALIBRATION_SEED = 10_000  # no timed generation uses it (they use seeds 0 .. prompts - 1)
 
 
+def _fixture_weights() -> dict[str, Path]:
+    """Fixture workloads on other weights than the 4-block fixture's: the deep pair (plain, Skip-DiT)."""
+    from asymrnr_fx.models import fixture
+
+    return {"deep-50": fixture.DEEP_WEIGHTS, "deep-skip-50": fixture.DEEP_SKIP_WEIGHTS}
+
+
+FIXTURE_WEIGHTS = _fixture_weights()
+
+
+def _fixture_kind(name: str) -> str:
+    kinds = {"deep-50": "deep fixture (8 blocks x width 64)", "deep-skip-50": "deep fixture, Skip-DiT twin"}
+    return f"trained {kinds.get(name, 'fixture')} (CogVideoX architecture, pixel space)"
+
+
 def fixture_workload(steps: int, prompts: int, device: str, dtype: torch.dtype,
                      name: str = "fixture") -> Workload:
     from asymrnr_fx.models import fixture
 
-    fixture_model = fixture.load(device=device, dtype=dtype)
+    fixture_model = fixture.load(device=device, dtype=dtype, path=FIXTURE_WEIGHTS.get(name, fixture.WEIGHTS))
     names = fixture.PROMPTS[:prompts]
 
     def generate(call: Call, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +300,7 @@ def fixture_workload(steps: int, prompts: int, device: str, dtype: torch.dtype,
             hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([999.0], device=device),
             image_rotary_emb=rope, return_dict=False),
         schedules=published_schedules(COGVIDEOX_2B, blocks, steps),
-        describe={"real": "trained fixture (CogVideoX architecture, pixel space)", "scale": "-",
+        describe={"real": _fixture_kind(name), "scale": "-",
                   "hidden": cfg.num_attention_heads * cfg.attention_head_dim, "heads": cfg.num_attention_heads,
                   "grid": grid, "visual_tokens": grid[0] * grid[1] * grid[2],
                   "text_tokens": cfg.max_text_seq_length, "blocks": str(cfg.num_layers), "steps": str(steps),

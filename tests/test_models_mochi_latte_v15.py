@@ -238,10 +238,23 @@ def test_latte_cache_skips_layer_pairs(rule, q, kv):
     assert rt.state.skipped[2] == rt.state.skipped[3] > 0 and rt.state.skipped[1] == 0
 
 
-def test_latte_cache_must_not_split_a_layer():
-    """Block 1 (temporal) reads per-position sequences: no stream of block 0's shape enters it."""
-    compiled = asymrnr_fx.compile(tiny_latte(), cheap(q_ratio=0.0, kv_ratio=0.0, cache=BlockCache(threshold=0.3)))
-    with pytest.raises(Exception, match="no visual stream enters both block 0 and the span"):
+@pytest.mark.parametrize("rule", [BlockCache(threshold=0.3, tail_blocks=1, full_last=0), SkipCache(interval=2, full_above=880.0, full_below=0.0)],
+                         ids=["block", "skip"])
+def test_latte_cache_defaults_round_the_span_to_whole_layers(rule):
+    """One block at each end would start the span at block 1, a temporal block reading per-position
+    sequences: the head and tail grow to whole (spatial, temporal) layers, as written out above."""
+    model, inputs = tiny_latte(num_layers=3), latte_inputs()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0, cache=rule))
+    generate(compiled, inputs)
+    rt = compiled.asymrnr
+    assert rt.stats["cache_hits"] > 0 and (4, 2) in rt.cache_log.values()  # blocks 2, 3 skipped
+    assert rt.state.skipped[2] == rt.state.skipped[3] > 0 and rt.state.skipped[1] == rt.state.skipped[4] == 0
+
+
+def test_latte_cache_with_no_whole_layer_to_skip_is_a_clear_error():
+    rule = BlockCache(threshold=0.3, tail_blocks=1)  # [1, 3) grows to [2, 2)
+    compiled = asymrnr_fx.compile(tiny_latte(num_layers=2), cheap(q_ratio=0.0, kv_ratio=0.0, cache=rule))
+    with pytest.raises(Exception, match="leaves no whole layer to skip in latte"):
         run(compiled, latte_inputs(), 900.0)
 
 
