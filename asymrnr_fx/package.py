@@ -97,6 +97,7 @@ def state_of(trace: Any, sources: list[tuple], forward: list[str]) -> dict:
         "sources": sources, "forward": forward, "info": rt.info, "config": rt.config,
         "active_sites": rt.active_sites, "symmetric_points": rt.symmetric_points,
         "n_outputs": len(trace.graph.graph.output_node().args[0]),
+        "strides": [tuple(t.stride()) for t in trace.graph_inputs],  # the programs assume them
     }
 
 
@@ -194,6 +195,15 @@ def load_exported(path: str | Path) -> ExportedTransformer:
     return ExportedTransformer(found, state, rt, weights, programs, path)
 
 
+def strided_as(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """`t` laid out with `stride`, the layout a program was compiled for: AOTInductor programs
+    index their inputs with the example's strides (a pipeline's `t.expand(batch)` timestep, stride
+    0, would be read past its one element)."""
+    if t.stride() == stride or t.numel() <= 1:
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+
 class _Program:
     """One AOTInductor program of the package, called with flat tensors (no pytree per call)."""
 
@@ -217,8 +227,8 @@ class ExportedTransformer(torch.nn.Module, CacheMixin):
         super().__init__()
         self.manifest, self.path, self.compiled = manifest, path, state["compiled"]
         self.__dict__["asymrnr"] = rt
-        self._sources, self._forward = state["sources"], state["forward"]
-        self._weights = weights
+        self._sources, self._forward, self._strides = state["sources"], state["forward"], state["strides"]
+        self._weights = {s[1]: strided_as(weights[s[1]], st) for s, st in zip(self._sources, self._strides) if s[0] == "weight"}
         self._bind_runtime(rt, state, programs)
         self._config = FrozenDict(manifest["model_config"])
         pipeline_hook.attach(self, rt)
@@ -255,7 +265,7 @@ class ExportedTransformer(torch.nn.Module, CacheMixin):
         kwargs = self._keywords(args, kwargs)
         return_dict = kwargs.pop("return_dict", True)
         self._check_constants(kwargs)
-        flat = [self._input(source, kwargs) for source in self._sources]
+        flat = [strided_as(self._input(source, kwargs), st) for source, st in zip(self._sources, self._strides)]
         with torch.no_grad():
             out = self._run(flat)
         return Transformer2DModelOutput(sample=out[0]) if return_dict else tuple(out)

@@ -49,8 +49,8 @@ def fixture_package(tmp_path_factory):
     fx_model = fixture.load()
     steps = 6
     compiled = asymrnr_fx.compile(fx_model.transformer, REDUCE_AND_SKIP)
-    reference = fx_model.sample("a red circle moving right", steps=steps, seed=3, transformer=compiled).latents
-    example = fx_model.first_call("a red circle moving right", steps=steps, seed=3)
+    reference = fx_model.sample("red circle moving right", steps=steps, seed=3, transformer=compiled).latents
+    example = fx_model.first_call("red circle moving right", steps=steps, seed=3)
     path = asymrnr_fx.export(fx_model.transformer, REDUCE_AND_SKIP, example, num_steps=steps,
                              path=tmp_path_factory.mktemp("pkg") / "fixture.pt2")
     return fx_model, path, reference, compiled.asymrnr
@@ -59,7 +59,7 @@ def fixture_package(tmp_path_factory):
 def test_fixture_generation_from_package_equals_compiled_path(fixture_package):
     fx_model, path, reference, compiled_rt = fixture_package
     loaded = asymrnr_fx.load_exported(path)
-    out = fx_model.sample("a red circle moving right", steps=6, seed=3, transformer=loaded).latents
+    out = fx_model.sample("red circle moving right", steps=6, seed=3, transformer=loaded).latents
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
     rt = asymrnr_fx.runtime_of(loaded)
     assert rt.stats["cache_hits"] == compiled_rt.stats["cache_hits"] > 0  # the cache rule ran, the same way
@@ -75,7 +75,7 @@ def test_package_loads_and_runs_in_a_fresh_process_without_compiling(fixture_pac
         from torch._dynamo.utils import counters
         from asymrnr_fx.models import fixture
         loaded = asymrnr_fx.load_exported({str(path)!r})
-        out = fixture.load().sample("a red circle moving right", steps=6, seed=3, transformer=loaded).latents
+        out = fixture.load().sample("red circle moving right", steps=6, seed=3, transformer=loaded).latents
         torch.testing.assert_close(out, torch.load({str(tmp_path / "reference.pt")!r}), rtol=1e-4, atol=1e-5)
         assert not counters["inductor"] and not counters["aot_autograd"], dict(counters)
         assert counters["stats"]["calls_captured"] == 0, dict(counters["stats"])
