@@ -222,10 +222,13 @@ def wan_model(spec: ScaledSpec, blocks: tuple[int, ...]) -> tuple[torch.nn.Modul
 BUILDERS = {"cogvideox": cogvideox_model, "hunyuan_video": hunyuan_model, "wan": wan_model}
 
 
-def denoise(call: Call, inputs: dict, steps: int) -> torch.Tensor:
-    """Euler steps with a timestep decreasing from 999 to 0; the latent evolves with the output."""
+def denoise(call: Call, inputs: dict, steps: int, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Euler steps with a timestep decreasing from 999 to 0; the latent evolves with the output.
+    `on_step(i)` runs before step i's call."""
     x, ts = inputs["hidden_states"], torch.linspace(999.0, 0.0, steps + 1, device=inputs["hidden_states"].device)
     for i in range(steps):
+        if on_step is not None:
+            on_step(i)
         out = call(**{**inputs, "hidden_states": x}, timestep=ts[i : i + 1], return_dict=False)[0]
         x = x + (ts[i + 1] - ts[i]) / 1000 * out
     return x
