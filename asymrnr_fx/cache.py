@@ -17,6 +17,12 @@ the head (Skip-DiT's Skip-Cache).
   step, the mean ratio of the visual residual's token norms to the previous step's; later
   generations accumulate the product of these ratios since the last full step and reuse the span
   while the summed distance of that product from 1 stays under the threshold.
+- `BlockCache(policy="spectral")` (training-free, in the spirit of SeaCache): no head block; the
+  signal is the visual stream entering the span, filtered over its (F, H, W) token grid by
+  SeaCache's spectral-evolution-aware gain at the step's noise level; its relative L1 change
+  step to step, accumulated since the last full step, decides as "accumulated" does. A cached
+  step extrapolates the residual linearly from the last two full steps (`extrapolate`, default
+  on for this policy, as SeaCache's residual_order 1).
 - `SkipCache` (Skip-DiT's Skip-Cache rule, training-free residual form for models without long
   skips): head and tail of `blocks` blocks each; full steps while t >= full_above, once
   t <= full_below, and every `interval`-th step between.
@@ -33,7 +39,7 @@ import torch
 
 from .errors import ConfigError, reject_unknown
 
-BLOCK_POLICIES = ("first_block", "accumulated", "magnitude")
+BLOCK_POLICIES = ("first_block", "accumulated", "magnitude", "spectral")
 SIGNAL_POLICIES = ("first_block", "accumulated")  # policies that read the head's residual
 
 
@@ -55,7 +61,10 @@ class BlockCache:
     the start / end (the end is known from the pipeline's step count, `callback_on_step_end` or
     `runtime.num_steps`); max_cached: most consecutive cached steps (0: no limit); ratios
     ("magnitude" only): the step-to-step magnitude ratios of a calibration (one per step,
-    `runtime.cache_ratios()`); empty: the first generation runs dense and calibrates."""
+    `runtime.cache_ratios()`); empty: the first generation runs dense and calibrates. power
+    ("spectral" only): the exponent of SeaCache's clean-signal power prior (3 for video);
+    extrapolate: cached steps reuse the residual extrapolated linearly from the last two full
+    steps (default: on for "spectral", off for the others)."""
 
     threshold: float = 0.08
     policy: str = "first_block"
@@ -65,9 +74,16 @@ class BlockCache:
     full_last: int = 1
     max_cached: int = 0
     ratios: tuple[float, ...] = ()
+    power: float = 3.0
+    extrapolate: bool | None = None
 
     def __post_init__(self) -> None:
         _check_number("BlockCache", "threshold", self.threshold)
+        _check_number("BlockCache", "power", self.power)
+        if self.power <= 0:
+            raise ConfigError(f"BlockCache.power must be > 0, got {self.power!r}. Use e.g. 3.0 (video).")
+        if self.extrapolate is not None and not isinstance(self.extrapolate, bool):
+            raise ConfigError(f"BlockCache.extrapolate must be True, False or None, got {self.extrapolate!r}.")
         if self.threshold <= 0:
             raise ConfigError(f"BlockCache.threshold must be > 0, got {self.threshold!r}. Use e.g. 0.08.")
         if self.policy not in BLOCK_POLICIES:
@@ -81,6 +97,10 @@ class BlockCache:
     @property
     def needs_signal(self) -> bool:
         return self.policy in SIGNAL_POLICIES
+
+    @property
+    def extrapolates(self) -> bool:
+        return self.extrapolate if self.extrapolate is not None else self.policy == "spectral"
 
     @property
     def head(self) -> int:
@@ -143,9 +163,12 @@ class SpanState:
     on models with long skips, the output itself: the deep feature); signal: the
     head's residual at the last full step; previous: at the previous step; changed: the change
     accumulated since the last full step; cached: consecutive cached steps; since_full: steps
-    since the last full one; ratio: the product of magnitude ratios since it ("magnitude")."""
+    since the last full one; ratio: the product of magnitude ratios since it ("magnitude");
+    older: what the full step before the last stored (for extrapolation), with both steps."""
 
     stored: list[torch.Tensor] | None = None
+    older: list[torch.Tensor] | None = None
+    full_steps: tuple[int, int] = (-1, -1)  # (the full step before the last, the last full step)
     signal: torch.Tensor | None = None
     previous: torch.Tensor | None = None
     changed: float = 0.0
@@ -182,7 +205,32 @@ def block_cache_change(cfg: BlockCache, state: SpanState, signal: torch.Tensor) 
     against the last full step ("first_block"), or step to step summed since it ("accumulated")."""
     if cfg.policy == "first_block":
         return relative_l1(signal, state.signal)
-    return state.changed + relative_l1(signal, state.previous)
+    return state.changed + relative_l1(signal, state.previous)  # "accumulated", "spectral"
+
+
+def sea_filter(x: torch.Tensor, sigma: float, power: float) -> torch.Tensor:
+    """SeaCache's spectral-evolution-aware indicator (paper 2602.18993, Eq. 7): x (B, F, H, W, C)
+    filtered over (F, H, W) by the per-axis Wiener gain of a clean signal with power
+    1 / |f|^power in noise of level sigma, the gain normalised to unit mean. float32."""
+    sigma = min(max(sigma, 1e-6), 1.0 - 1e-6)
+    signal, noise = 1.0 - sigma, sigma
+    gain = torch.ones((), device=x.device)
+    for axis in (1, 2, 3):
+        prior = 1.0 / (torch.fft.fftfreq(x.shape[axis], device=x.device).abs().pow(power) + 1e-16)
+        axis_gain = signal * prior / (signal**2 * prior + noise**2 + 1e-16)
+        gain = gain * axis_gain.reshape([-1 if d == axis else 1 for d in range(x.dim())])
+    gain = gain / gain.mean()
+    return torch.fft.ifftn(torch.fft.fftn(x.float(), dim=(1, 2, 3)) * gain, dim=(1, 2, 3)).real
+
+
+def extrapolated(state: SpanState, step: int) -> list[torch.Tensor]:
+    """The stored tensors moved on linearly to `step` from the last two full steps (as they are
+    when only one full step was seen)."""
+    (s0, s1), newest, older = state.full_steps, state.stored, state.older
+    if older is None or s1 <= s0:
+        return list(newest)
+    k = (step - s1) / (s1 - s0)
+    return [r1 + (r1 - r0) * k for r1, r0 in zip(newest, older)]
 
 
 def magnitude_change(state: SpanState, ratio: float) -> tuple[float, float]:
@@ -222,7 +270,10 @@ def ratio_at(ratios: tuple[float, ...], step: int, num_steps: int | None) -> flo
     return math.exp(at(step / (num_steps - 1)) - at((step - 1) / (num_steps - 1)))
 
 
-def record_full(state: SpanState, stored: list[torch.Tensor], signal: torch.Tensor | None) -> None:
+def record_full(state: SpanState, stored: list[torch.Tensor], signal: torch.Tensor | None, step: int = 0,
+                keep_older: bool = False) -> None:
+    state.older = state.stored if keep_older else None
+    state.full_steps = (state.full_steps[1], step)
     state.stored, state.signal, state.previous = stored, signal, signal
     state.changed, state.cached, state.since_full, state.ratio = 0.0, 0, 1, 1.0
 

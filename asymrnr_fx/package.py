@@ -190,7 +190,7 @@ def load_exported(path: str | Path) -> ExportedTransformer:
     stream = io.BytesIO(state_bytes)
     rt = AsymRnRRuntime(pickle.load(stream))
     state = _Unpickler(stream, rt).load()
-    weights = safetensors.torch.load(weight_bytes)
+    weights = {k: v.to(found["device"]) for k, v in safetensors.torch.load(weight_bytes).items()}
     programs = {name: _Program(path, name) for name in state["keys"]}
     return ExportedTransformer(found, state, rt, weights, programs, path)
 

@@ -57,7 +57,7 @@ class ContextState:
 
 def _context_memory(ctx: ContextState) -> dict[str, int]:
     cached = ctx.cache
-    tensors = [*(cached.stored or []), cached.signal, cached.previous] if cached is not None else []
+    tensors = [*(cached.stored or []), *(cached.older or []), cached.signal, cached.previous] if cached is not None else []
     unique = {id(t): t for t in tensors if t is not None}  # signal and previous may be one tensor
     return {
         "matchings": len(ctx.matchings),

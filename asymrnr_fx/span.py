@@ -67,11 +67,23 @@ class CachedSpan:
         ctx = self.rt.state
         if ctx.cache is None:
             ctx.cache = cache.SpanState()
-        signal = args[self.signal] if self.signal is not None else None
+        signal = args[self.signal] if self.signal is not None else self._indicator(args)
         decision = self._decide(ctx.cache, signal)
         if decision is None:
             return self._compute(args, ctx.cache, signal)
         return self._reuse(args, ctx, signal, *decision)
+
+    def _indicator(self, args: Sequence[Any]) -> torch.Tensor | None:
+        """("spectral") SeaCache's indicator of the visual stream entering the span, on its grid."""
+        if not (isinstance(self.config, cache.BlockCache) and self.config.policy == "spectral"):
+            return None
+        grid = self.rt.info.grid
+        n = grid[0] * grid[1] * grid[2]
+        x = next((args[i] for i in self.positions if args[i].dim() == 3 and args[i].shape[1] == n), None)
+        if x is None:
+            raise UnsupportedModelError(f"BlockCache(policy='spectral'): no stream of the {n} visual tokens enters the span")
+        sigma = (self.rt.timestep if self.rt.timestep is not None else 500.0) / 1000.0
+        return cache.sea_filter(x.reshape(x.shape[0], *grid, x.shape[-1]), sigma, self.config.power)
 
     def _decide(self, state: cache.SpanState, signal: torch.Tensor | None) -> tuple[float, float] | None:
         """(change, accumulated magnitude ratio) to record when this step reuses the span; None:
@@ -98,7 +110,8 @@ class CachedSpan:
         if self.pairs is None and not self.disabled:
             self._bind(outs, args)
         if not self.disabled:
-            cache.record_full(state, self._stored(outs, args), signal)
+            extrapolates = isinstance(self.config, cache.BlockCache) and self.config.extrapolates
+            cache.record_full(state, self._stored(outs, args), signal, self.rt.step, keep_older=extrapolates)
             if isinstance(self.config, cache.BlockCache) and self.config.policy == "magnitude":
                 self.rt.record_calibration(max(state.stored, key=torch.Tensor.numel))
         self._log(skipped=False)
@@ -112,7 +125,8 @@ class CachedSpan:
         return [o - args[i] for o, i in zip(outs, self.pairs)]
 
     def _reuse(self, args: Sequence[Any], ctx: Any, signal: torch.Tensor | None, change: float, ratio: float) -> Any:
-        stored = ctx.cache.stored
+        extrapolates = isinstance(self.config, cache.BlockCache) and self.config.extrapolates
+        stored = cache.extrapolated(ctx.cache, self.rt.step) if extrapolates else ctx.cache.stored
         outs = list(stored) if self.outputs else [args[i] + r for i, r in zip(self.pairs, stored)]
         cache.record_cached(ctx.cache, signal, change, ratio)
         for block in range(*self.bounds):

@@ -299,6 +299,10 @@ CACHES: list[tuple[str, BlockCache | SkipCache, frozenset[str], frozenset[str], 
        BlockCache(policy="magnitude", threshold=t, full_first=ff, max_cached=mc), FULL, both, NEVER)
       for t, ff, mc, both in ((0.05, 10, 0, NEVER), (0.06, 10, 3, NEVER), (0.1, 10, 2, NEVER),
                               (1.0, 10, 3, NEVER), (0.3, 6, 4, NEVER), (1.0, 4, 5, FULL))],
+    # SeaCache's spectral indicator on the visual stream entering block 0, residual extrapolated
+    *[(f"BlockCache spectral t={t}" + (f" mc={mc}" if mc else ""),
+       BlockCache(policy="spectral", threshold=t, max_cached=mc), FULL, NEVER, NEVER)
+      for t, mc in ((0.15, 2), (0.25, 2), (0.4, 2), (0.25, 0), (0.5, 3))],
     ("SkipCache N2-700-50", SkipCache(interval=2, full_above=700, full_below=50, blocks=1),
      ALL_MODES, ALL_MODES, FULL),
     ("SkipCache N3-700-50", SkipCache(interval=3, full_above=700, full_below=50, blocks=1), FULL, FULL,

@@ -301,3 +301,80 @@ def test_block_cache_equals_diffusers_on_the_trained_fixture():
         want = fixture_model.sample(prompt, steps=16, seed=1, transformer=peer).latents
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert ours.asymrnr.stats["cache_hits"] >= 8
+
+
+class _EagerSeaSpan(torch.nn.Module):
+    """Plain reference of the spectral policy over CogVideoX blocks [0, n): SeaCache's indicator
+    (diffusers' own filter) of the visual input on its (F, H, W) grid, its step-to-step relative
+    L1 change accumulated since the last full step, the residual extrapolated from the last two
+    full steps (SeaCache's residual_order 1)."""
+
+    def __init__(self, blocks, grid, threshold, full_first):
+        super().__init__()
+        self.blocks, self.grid, self.threshold, self.full_first = torch.nn.ModuleList(blocks), grid, threshold, full_first
+        self.step, self.t, self.previous, self.accumulated, self.history, self.reused = -1, None, None, 0.0, [], []
+
+    def _indicator(self, h):
+        from diffusers.hooks.sea_cache import _apply_sea_filter
+
+        return [_apply_sea_filter(x.reshape(*self.grid, -1), self.t / 1000, 3.0) for x in h]
+
+    def forward(self, hidden_states, encoder_hidden_states, **kwargs):
+        self.step += 1
+        indicator = self._indicator(hidden_states)
+        reuse = False
+        if self.previous is not None and self.step >= self.full_first:
+            change = sum(float((a - b).abs().mean() / b.abs().mean()) for a, b in zip(indicator, self.previous))
+            self.accumulated += change / len(indicator)
+            reuse = self.accumulated < self.threshold
+        self.previous = indicator
+        self.reused.append(reuse)
+        if reuse:
+            (s0, r0), (s1, r1) = self.history[-2] if len(self.history) > 1 else self.history[-1], self.history[-1]
+            k = (self.step - s1) / (s1 - s0) if s1 > s0 else 0.0
+            return tuple(x + a + (a - b) * k for x, a, b in zip((hidden_states, encoder_hidden_states), r1, r0))
+        self.accumulated = 0.0
+        h, e = hidden_states, encoder_hidden_states
+        for block in self.blocks:
+            h, e = block(hidden_states=h, encoder_hidden_states=e, **kwargs)
+        self.history = [*self.history, (self.step, (h - hidden_states, e - encoder_hidden_states))][-2:]
+        return h, e
+
+
+def test_spectral_policy_equals_a_plain_eager_seacache_rule():
+    threshold, n = 0.25, 4  # SeaCache's default; step-to-step changes here: 0.41 falling to 0.08
+    x, noise = cogvideox_inputs(), torch.randn(1, 3, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    steps = [{**x, "hidden_states": x["hidden_states"] * (1 - t / 1000) + noise * t / 1000} for t in TIMESTEPS]
+    ref = tiny_cogvideox(num_layers=n)
+    span = _EagerSeaSpan(list(ref.transformer_blocks), (3, 8, 8), threshold, full_first=1)
+    ref.transformer_blocks = torch.nn.ModuleList([span, *_identity_blocks(n - 1)])
+    want = []
+    for inputs, t in zip(steps, TIMESTEPS):
+        span.t = t
+        want.append(run(ref, inputs, t))
+    rule = BlockCache(policy="spectral", threshold=threshold, full_first=1, full_last=0)
+    ours = asymrnr_fx.compile(tiny_cogvideox(num_layers=n), cheap(q_ratio=0.0, kv_ratio=0.0, cache=rule), fullgraph=True)
+    got = [run(ours, inputs, t) for inputs, t in zip(steps, TIMESTEPS)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    log = ours.asymrnr.cache_log
+    assert [log[(i, 0)] == (0, n) for i in range(len(TIMESTEPS))] == span.reused
+    assert 2 <= sum(span.reused) <= len(TIMESTEPS) - 3  # both decisions, by the threshold
+
+
+def test_spectral_filter_equals_seacache_filter():
+    from diffusers.hooks.sea_cache import _apply_sea_filter
+
+    x = torch.randn(2, 3, 6, 10, 8)
+    for sigma in (0.05, 0.5, 0.97):
+        want = torch.stack([_apply_sea_filter(x[b], sigma, 3.0) for b in range(2)])
+        torch.testing.assert_close(asymrnr_fx.cache.sea_filter(x, sigma, 3.0), want, rtol=1e-5, atol=1e-6)
+
+
+def test_extrapolation_moves_the_residual_on_linearly():
+    state = asymrnr_fx.cache.SpanState()
+    r0, r1 = torch.ones(2), torch.full((2,), 3.0)
+    asymrnr_fx.cache.record_full(state, [r0], None, step=2, keep_older=True)
+    assert asymrnr_fx.cache.extrapolated(state, 3)[0].tolist() == [1.0, 1.0]  # one full step: reused as is
+    asymrnr_fx.cache.record_full(state, [r1], None, step=4, keep_older=True)
+    assert asymrnr_fx.cache.extrapolated(state, 5)[0].tolist() == [4.0, 4.0]  # 3 + (3 - 1) * 1/2
