@@ -317,8 +317,9 @@ def test_wan22_two_experts_track_the_pipeline_steps_across_the_switch():
 
 # ---- Inductor end to end ----------------------------------------------------------------------
 @pytest.mark.inductor
-@pytest.mark.parametrize("fam", [BY_NAME["wan21_t2v"], BY_NAME["ltx_video"]], ids=["wan21_t2v", "ltx_video"])
-def test_inductor_reduced_generation_matches_the_cheap_path(fam):
+@pytest.mark.parametrize("name", ["wan21_t2v", "ltx_video", "skyreels_v2_df", "allegro"])
+def test_inductor_reduced_generation_matches_the_cheap_path(name):
+    fam = BY_NAME[name]
     cfg = {"q_ratio": 0.5, "kv_ratio": 0.3, "matching_every": 2}
     inputs, steps = fam.inputs(), STEPS[:3]
     fast = asymrnr_fx.compile(fam.build(num_layers=1), AsymRnRConfig(**cfg))
