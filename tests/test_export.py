@@ -244,3 +244,11 @@ def test_cuda_package_equals_compiled_path(tmp_path):
     assert loaded.device.type == "cuda"
     for got, want in zip([loaded(**kw)[0] for kw in calls], reference):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_command_line_shows_a_package(fixture_package, capsys):
+    from asymrnr_fx.__main__ import main
+
+    main(["show", str(fixture_package[1])])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["num_steps"] == 6 and shown["programs"] and shown["versions"]["torch"] == torch.__version__
