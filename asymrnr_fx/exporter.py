@@ -17,6 +17,8 @@ structure, as in the compiled path) and are stored once.
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import re
 import time
@@ -142,9 +144,25 @@ def _record(records: dict, key: tuple, gm: fx.GraphModule, inputs: Sequence[Any]
 def compile_program(gm: fx.GraphModule, inputs: Sequence[Any], config: AsymRnRConfig) -> list:
     """AOTInductor's files for one segment variant (`torch.export`, then `aot_compile`)."""
     args = tuple(inputs)
-    ep = torch.export.export(gm, args, strict=False)
+    ep = torch.export.export(_plain_attributes(gm), args, strict=False)
     options = {**config.inductor_options, "aot_inductor.package": True}
     return torch._inductor.aot_compile(ep.module(check_guards=False), args, options=options)
+
+
+def _plain_attributes(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` with plain names for what torch.export lifts: its constants (get_attr) get
+    plain attribute names, and Dynamo's module stacks are dropped (export names a tensor created
+    inside a block after them, e.g. `L['function_reference'].forward.__self__...lifted_tensor_0`,
+    a name it then cannot assign back when it unlifts the program)."""
+    out = fx.GraphModule(torch.nn.Module(), copy.deepcopy(gm.graph))
+    for node in out.graph.nodes:
+        node.meta.pop("nn_module_stack", None)
+    for i, node in enumerate(out.graph.find_nodes(op="get_attr")):
+        value = functools.reduce(getattr, node.target.split("."), gm)
+        node.target = f"asymrnr_constant_{i}"
+        setattr(out, node.target, value)
+    out.recompile()
+    return out
 
 
 def graph_sources(trace: Trace, model: torch.nn.Module) -> list[tuple]:
