@@ -231,6 +231,7 @@ class ExportedTransformer(torch.nn.Module, CacheMixin):
         self._weights = {s[1]: strided_as(weights[s[1]], st) for s, st in zip(self._sources, self._strides) if s[0] == "weight"}
         self._bind_runtime(rt, state, programs)
         self._config = FrozenDict(manifest["model_config"])
+        self._wanted = {tuple(i["path"]): i for i in manifest["inputs"]}  # input path -> its recorded shape
         pipeline_hook.attach(self, rt)
 
     def _bind_runtime(self, rt: AsymRnRRuntime, state: dict, programs: dict[str, _Program]) -> None:
@@ -297,7 +298,7 @@ class ExportedTransformer(torch.nn.Module, CacheMixin):
         return self._checked(source, value)
 
     def _checked(self, source: tuple, value: Any) -> torch.Tensor:
-        want = next(i for i in self.manifest["inputs"] if i["path"] == list(source[1:]))
+        want = self._wanted[source[1:]]
         if not isinstance(value, torch.Tensor) or _describe(value) != {"shape": want["shape"], "dtype": want["dtype"]} \
                 or value.device != self.device:
             got = f"{tuple(value.shape)} {value.dtype} on {value.device}" if isinstance(value, torch.Tensor) else repr(value)
