@@ -50,7 +50,6 @@ class Trace:
     graph: fx.GraphModule
     graph_inputs: list
     input_sources: list[str]  # Dynamo's source of each graph input, e.g. L['kwargs']['hidden_states']
-    output: Any
     records: dict[str, tuple[tuple, fx.GraphModule, list]] = field(default_factory=dict)
 
 
@@ -110,8 +109,8 @@ def trace_generation(model: torch.nn.Module, config: AsymRnRConfig, example_inpu
     with torch.no_grad():
         for step in range(num_steps):
             rt.set_step(step)
-            out = _traced_call(compiled, example_inputs)
-    return _one_graph(graphs, rt, out, records)
+            _traced_call(compiled, example_inputs)
+    return _one_graph(graphs, rt, records)
 
 
 def _traced_call(compiled: Callable, example_inputs: dict) -> Any:
@@ -121,7 +120,7 @@ def _traced_call(compiled: Callable, example_inputs: dict) -> Any:
         raise ExportError(f"export needs the model as one graph, but Dynamo breaks it: {err}") from err
 
 
-def _one_graph(graphs: list, rt: AsymRnRRuntime, out: Any, records: dict) -> Trace:
+def _one_graph(graphs: list, rt: AsymRnRRuntime, records: dict) -> Trace:
     if len(graphs) != 1:
         raise ExportError(
             f"export needs one Dynamo graph for the whole generation, got {len(graphs)} (a recompile: "
@@ -133,7 +132,10 @@ def _one_graph(graphs: list, rt: AsymRnRRuntime, out: Any, records: dict) -> Tra
             "nothing of asymrnr to export: this config or model runs dense "
             f"({dict(rt.stats)}); export the model with torch.export directly."
         )
-    return Trace(fn, rt, gm, inputs, sources, out, records)
+    outputs = gm.graph.output_node().args[0]
+    if len(outputs) != 1:  # the loaded module returns the sample as the transformer does
+        raise ExportError(f"export expects the transformer's graph to return one tensor (the sample), got {len(outputs)}.")
+    return Trace(fn, rt, gm, inputs, sources, records)
 
 
 def _record(records: dict, key: tuple, gm: fx.GraphModule, inputs: Sequence[Any]) -> Callable:

@@ -96,7 +96,6 @@ def state_of(trace: Any, sources: list[tuple], forward: list[str]) -> dict:
         "compiled": compiled, "keys": {name: rec[0] for name, rec in trace.records.items()},
         "sources": sources, "forward": forward, "info": rt.info, "config": rt.config,
         "active_sites": rt.active_sites, "symmetric_points": rt.symmetric_points,
-        "n_outputs": len(trace.graph.graph.output_node().args[0]),
         "strides": [tuple(t.stride()) for t in trace.graph_inputs],  # the programs assume them
     }
 
