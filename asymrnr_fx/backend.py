@@ -221,10 +221,14 @@ class AsymRnRCompiled:
         self.timestep_index, self.latent_index = info.timestep_index, info.latent_index
 
     def __call__(self, *args: Any) -> Any:
-        latent = args[self.latent_index]
         with self.rt.lock:
-            self.rt.begin_call(args[self.timestep_index], (tuple(latent.shape), latent.dtype, latent.device))
+            self.place(args)
             return self.top(*args)
+
+    def place(self, args: Sequence[Any]) -> None:
+        """Tell the runtime where this call stands (generation, step, context); hold `rt.lock`."""
+        latent = args[self.latent_index]
+        self.rt.begin_call(args[self.timestep_index], (tuple(latent.shape), latent.dtype, latent.device))
 
 
 def _activation_positions(top: fx.GraphModule, name: str) -> list[int]:

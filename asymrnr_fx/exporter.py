@@ -67,11 +67,12 @@ def export(model: torch.nn.Module, config: AsymRnRConfig | None, example_inputs:
     for name, (_, gm, inputs) in trace.records.items():
         programs[name] = compile_program(gm, inputs, config)
         say(f"compiled {name} ({len(programs)}/{len(trace.records)})")
-    sources = graph_sources(trace, model)
+    forward = list(inspect.signature(model.forward).parameters)
+    sources = graph_sources(trace, model, forward)
     weights = {s[1]: t.detach() for s, t in zip(sources, trace.graph_inputs) if s[0] == "weight"}
     manifest = package.manifest(model, config, example_inputs, num_steps, trace, sources)
     manifest["export_seconds"] = round(time.perf_counter() - start, 1)
-    state = package.state_of(trace, sources, list(inspect.signature(model.forward).parameters))
+    state = package.state_of(trace, sources, forward)
     package.write(path, programs, weights, state, manifest)
     return path
 
@@ -167,11 +168,10 @@ def _plain_attributes(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def graph_sources(trace: Trace, model: torch.nn.Module) -> list[tuple]:
+def graph_sources(trace: Trace, model: torch.nn.Module, forward: list[str]) -> list[tuple]:
     """Where each input of Dynamo's graph comes from: ("weight", fully qualified name) or
-    ("input", argument name, index or key, ...)."""
+    ("input", argument name, index or key, ...); `forward`: the model's forward argument names."""
     named = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    forward = list(inspect.signature(model.forward).parameters)
     return [
         ("weight", named[id(value)]) if id(value) in named else ("input", *_input_path(text, forward))
         for text, value in zip(trace.input_sources, trace.graph_inputs)

@@ -310,9 +310,8 @@ class ExportedTransformer(torch.nn.Module, CacheMixin):
 
     def _run(self, flat: list) -> Any:
         rt, compiled = self.asymrnr, self.compiled
-        latent = flat[compiled.latent_index]
         with rt.lock:
-            rt.begin_call(flat[compiled.timestep_index], (tuple(latent.shape), latent.dtype, latent.device))
+            compiled.place(flat)
             self._check_step(rt)
             return compiled.top(*flat)
 

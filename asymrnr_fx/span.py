@@ -59,6 +59,7 @@ class CachedSpan:
                  positions: list[int], signal: int | None, outputs: bool = False) -> None:
         self.gm, self.config, self.rt, self.bounds, self.positions = gm, config, rt, bounds, positions
         self.signal, self.outputs = signal, outputs
+        self.extrapolates = isinstance(config, cache.BlockCache) and config.extrapolates
         self.pairs: list[int] | None = None  # output j <- input pairs[j]
         self.as_tuple = True
         self.disabled = ""
@@ -110,8 +111,7 @@ class CachedSpan:
         if self.pairs is None and not self.disabled:
             self._bind(outs, args)
         if not self.disabled:
-            extrapolates = isinstance(self.config, cache.BlockCache) and self.config.extrapolates
-            cache.record_full(state, self._stored(outs, args), signal, self.rt.step, keep_older=extrapolates)
+            cache.record_full(state, self._stored(outs, args), signal, self.rt.step, keep_older=self.extrapolates)
             if isinstance(self.config, cache.BlockCache) and self.config.policy == "magnitude":
                 self.rt.record_calibration(max(state.stored, key=torch.Tensor.numel))
         self._log(skipped=False)
@@ -125,8 +125,7 @@ class CachedSpan:
         return [o - args[i] for o, i in zip(outs, self.pairs)]
 
     def _reuse(self, args: Sequence[Any], ctx: Any, signal: torch.Tensor | None, change: float, ratio: float) -> Any:
-        extrapolates = isinstance(self.config, cache.BlockCache) and self.config.extrapolates
-        stored = cache.extrapolated(ctx.cache, self.rt.step) if extrapolates else ctx.cache.stored
+        stored = cache.extrapolated(ctx.cache, self.rt.step) if self.extrapolates else ctx.cache.stored
         outs = list(stored) if self.outputs else [args[i] + r for i, r in zip(self.pairs, stored)]
         cache.record_cached(ctx.cache, signal, change, ratio)
         for block in range(*self.bounds):
