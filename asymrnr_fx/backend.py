@@ -7,14 +7,16 @@ Why segments: reduced lengths change per block and per step, and a static graph 
 pattern would recompile the whole model for every new pattern. A segment spans one block, so a
 variant compiled for one (q, kv) length pair serves every block of that structure; the number
 of compilations is bounded by the distinct length pairs of the schedule, not by the steps.
-Matchings are computed eagerly between segments (once per cache window) from the site's
-query / value inputs and passed to the compiled segment as explicit index inputs.
+Matchings are computed between segments (once per cache window, by a compiled matching shared
+by every site of one shape) from the site's query / value inputs, and passed to the compiled
+segment as inputs; the segment builds its index tensors (the plan for its lengths) itself.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -104,6 +106,10 @@ class _Segment:
         self.structure = segment.structure_key(gm.graph)
         self.activations = activations
         self._inputs: tuple | None = None  # this segment's `_input_signature`, taken at its first call
+        self._fns: dict[tuple, CompiledFn] = {}  # (variant, activation layouts) -> code: one small key per call
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fns": {}}  # compiled code is looked up again (a loaded package's programs)
 
     def _key(self, args: Sequence[Any], variant: Any) -> tuple:
         """Segments of one structure share compiled code, across blocks and across Dynamo graphs.
@@ -116,15 +122,11 @@ class _Segment:
         return (self.structure, variant, self._inputs, strides)
 
     def _compiled(self, args: Sequence[Any], variant: Any, build: Callable[[], fx.GraphModule], extra: list) -> CompiledFn:
-        key = self._key(args, variant)
-        fn = self.rt.compiled.get(key)
+        local = (variant, tuple(_layout(args[i]) for i in self.activations if isinstance(args[i], torch.Tensor)))
+        fn = self._fns.get(local)
         if fn is None:
-            compile_segment = self.rt.segment_compiler or self._inner_compile
-            fn = self.rt.compiled[key] = compile_segment(key, build, [*args, *extra])
+            fn = self._fns[local] = compiled_for(self.rt, self._key(args, variant), build, [*args, *extra])
         return fn
-
-    def _inner_compile(self, key: tuple, build: Callable[[], fx.GraphModule], inputs: list) -> CompiledFn:
-        return inner_compile(build(), inputs, self.cfg, self.rt)
 
     def _copy(self) -> fx.GraphModule:
         """A private copy of the segment for one variant's rewrite."""
@@ -140,6 +142,45 @@ class _Segment:
         return out[0] if self.single else tuple(out)
 
 
+def compiled_for(rt: AsymRnRRuntime, key: tuple, build: Callable[[], fx.GraphModule], inputs: list) -> CompiledFn:
+    """The compiled code for `key` (a segment variant, a matching), compiling `build()` for
+    `inputs` at its first use: with `rt.segment_compiler` when one is set (export), else with
+    the configured inner compiler."""
+    fn = rt.compiled.get(key)
+    if fn is None:
+        compile_fn = rt.segment_compiler or (lambda _, build, inputs: inner_compile(build(), inputs, rt.config, rt))
+        fn = rt.compiled[key] = compile_fn(key, build, inputs)
+    return fn
+
+
+MATCHING = "tokens.match_fields"  # the structure of a compiled matching's key
+
+
+class CompiledMatcher:
+    """Site matchings computed by compiled code (an `AsymRnRRuntime.matching` matcher): one
+    program per input signature and visual layout, shared by every site and feature of that
+    shape. A matching step then costs one call instead of a dozen eager operators."""
+
+    def __init__(self, rt: AsymRnRRuntime) -> None:
+        self.rt = rt
+
+    def __call__(self, x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, layout: tokens.Layout) -> tuple:
+        r = self.rt.reduction
+        constants = (layout.visual_offset, layout.n_visual, r.distance, r.max_match_elements)
+        args = [x, dst, src]
+        key = (MATCHING, constants, _input_signature(args), ())
+        return tuple(compiled_for(self.rt, key, lambda: _matching_graph(constants), args)(*args))
+
+
+def _matching_graph(constants: tuple) -> fx.GraphModule:
+    """x, dst, src -> (nearest, order): one call of `tokens.match_fields` (inlined by Inductor)."""
+    graph = fx.Graph()
+    x, dst, src = (graph.placeholder(name) for name in ("x", "dst", "src"))
+    call = graph.call_function(tokens.match_fields, (x, dst, src, *constants))
+    graph.output(tuple(graph.call_function(operator.getitem, (call, i)) for i in range(2)))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
 def _placeholder_index(gm: fx.GraphModule, name: str) -> int:
     return [n.name for n in gm.graph.find_nodes(op="placeholder")].index(name)
 
@@ -148,41 +189,43 @@ class AsymmetricReducer:
     """A segment that starts with a reducible attention call: queries and keys/values reduced
     by their own lengths, matched on Q and on V."""
 
-    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, grid: tokens.Grid):
-        self.rt, self.site, self.grid = rt, site, grid
+    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, grid: tokens.Grid, matcher: Any):
+        self.rt, self.site, self.grid, self.matcher = rt, site, grid, matcher
         args = sites.sdpa_arguments(next(n for n in gm.graph.nodes if n.name == site.node_name))
         self.pos = {f: _placeholder_index(gm, args[name].name) for f, name in (("q", "query"), ("v", "value"))}
         self.n_dst = tokens.count_windows(grid, rt.config.reduction.dst_stride)
         self.mean = rt.config.reduction.reduce_mode == "mean"
 
     def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
-        """(compile key, plan inputs) for this step, or None when the site stays dense."""
+        """(compile key, matching inputs) for this step, or None when the site stays dense."""
         nq, nkv = self.rt.site_lengths(self.site, self.n_dst)
         self.rt.record(self.site, nq, nkv)
         nv = self.site.layout.n_visual
         v = ra.Variant(nq < nv, nkv < nv, self.mean)
-        return None if v.dense else ((v, nq, nkv), self._plan_inputs(args, v, nq, nkv))
+        return None if v.dense else ((v, nq, nkv), self._matching_inputs(args, v))
 
     def rewrite(self, gm: fx.GraphModule, key: Any) -> fx.GraphModule:
-        return ra.rewrite_site(gm, self.site.node_name, key[0], self.rt.rewrites)
+        v, nq, nkv = key
+        return ra.rewrite_site(gm, self.site.node_name, v, {"q": nq, "kv": nkv}, self.site.layout, self.rt.rewrites)
 
-    def _plan_inputs(self, args: Sequence[Any], v: ra.Variant, nq: int, nkv: int) -> list[torch.Tensor]:
-        """Cached plans for this step: queries matched on Q, keys and values together on V."""
-        plans = {}
-        for side, feature, n_keep, on in (("q", "q", nq, v.reduce_q), ("kv", "v", nkv, v.reduce_kv)):
+    def _matching_inputs(self, args: Sequence[Any], v: ra.Variant) -> list[torch.Tensor]:
+        """This window's matchings: queries matched on Q, keys and values together on V (the
+        segment builds its plans from them)."""
+        matchings = {}
+        for side, feature, on in (("q", "q", v.reduce_q), ("kv", "v", v.reduce_kv)):
             if on:
                 x = args[self.pos[feature]]
-                cached = self.rt.matching(self.site, feature, lambda x=x: x, self.site.layout, self.grid)
-                plans[side] = self.rt.plan(cached, n_keep, self.site.layout)
-        return ra.plan_inputs(v, plans)
+                cached = self.rt.matching(self.site, feature, lambda x=x: x, self.site.layout, self.grid, self.matcher)
+                matchings[side] = cached.matching
+        return ra.matching_inputs(v, matchings)
 
 
 class SymmetricReducer:
     """A segment that starts at a site's Q/K/V projections (symmetric mode): the hidden state is
     reduced before them, one matching on the batch mean."""
 
-    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, points, grid: tokens.Grid):
-        self.rt, self.site, self.points, self.grid = rt, site, points, grid
+    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, points, grid: tokens.Grid, matcher: Any):
+        self.rt, self.site, self.points, self.grid, self.matcher = rt, site, points, grid, matcher
         self.x_pos = _placeholder_index(gm, points.x)
         self.n_dst = tokens.count_windows(grid, rt.config.reduction.dst_stride)
         lay = site.layout
@@ -207,7 +250,7 @@ class SymmetricReducer:
         def batch_mean() -> torch.Tensor:  # (1, 1, N, C): one matching for the whole batch
             return args[self.x_pos].mean(0, keepdim=True).unsqueeze(1)
 
-        cached = self.rt.matching(self.site, "h", batch_mean, self.x_layout, self.grid)
+        cached = self.rt.matching(self.site, "h", batch_mean, self.x_layout, self.grid, self.matcher)
         full = self.rt.plan(cached, n_keep, self.site.layout)
         vis = self.rt.plan(cached, n_keep, tokens.Layout(0, self.site.layout.n_visual, True))
         return sym.plan_inputs(full, vis, self.points, self.mean)
@@ -265,9 +308,11 @@ def _reduction_cuts(gm: fx.GraphModule, info: sites.ModelInfo, rt: AsymRnRRuntim
     return {s.node_name: (s, None) for s in reducible}
 
 
-def _reducer(sub: fx.GraphModule, rt: AsymRnRRuntime, found: Any, grid: tokens.Grid):
-    site, points = found
-    return AsymmetricReducer(sub, rt, site, grid) if points is None else SymmetricReducer(sub, rt, site, points, grid)
+def _reducer(sub: fx.GraphModule, rt: AsymRnRRuntime, found: Any, matcher: CompiledMatcher):
+    site, points = found  # the site's own grid
+    if points is None:
+        return AsymmetricReducer(sub, rt, site, site.grid, matcher)
+    return SymmetricReducer(sub, rt, site, points, site.grid, matcher)
 
 
 def _cache_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -> tuple[dict[str, int], str | None]:
@@ -290,12 +335,12 @@ def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Dynamo's graph stays as it was
     reducers, (block_starts, signal) = _reduction_cuts(gm, info, rt), _cache_cuts(gm, info, cfg)
     top, names, firsts = segment.split_at(gm, [*reducers, *block_starts])
-    block, part_blocks = -1, {}  # -1: the prologue
+    block, part_blocks, matcher = -1, {}, CompiledMatcher(rt)  # -1: the prologue
     for k, name in enumerate(names):
         sub, found = getattr(top, name), reducers.get(firsts[name])
         block = block_starts.get(firsts[name], found[0].block if found is not None else block)
         part_blocks[name] = block
-        reducer = _reducer(sub, rt, found, found[0].grid) if found is not None else None  # the site's own grid
+        reducer = _reducer(sub, rt, found, matcher) if found is not None else None
         seg = _Segment(sub, cfg, rt, _activation_positions(top, name), reducer)
         if k < len(names) - 1:
             _contiguous_outputs(sub)

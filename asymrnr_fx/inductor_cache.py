@@ -65,7 +65,7 @@ def _is_own_function(target: Any) -> bool:
 
 
 def _fill_placeholders(graph: fx.Graph, inputs: Sequence[Any], mode: FakeTensorMode) -> None:
-    """Plan inputs added by the rewrite have no example value: fake their real tensors."""
+    """Inputs added by the rewrite (matchings, plans) have no example value: fake their real tensors."""
     for node, value in zip(graph.find_nodes(op="placeholder"), inputs):
         if "example_value" not in node.meta and isinstance(value, torch.Tensor):
             node.meta["example_value"] = mode.from_tensor(value, static_shapes=True)
@@ -95,7 +95,12 @@ def _inline(graph: fx.Graph, node: fx.Node) -> None:
         if "val" in new.meta and "example_value" not in new.meta and new.op == "call_function":
             new.meta["example_value"] = new.meta["val"]
             new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
-    node.replace_all_uses_with(out)
+    if isinstance(out, (tuple, list)):  # a function returning several tensors: its getitem users read them
+        for user in list(node.users):
+            user.replace_all_uses_with(out[user.args[1]])
+            graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(out)
     graph.erase_node(node)
 
 
@@ -117,7 +122,7 @@ def lower_for_cache(gm: fx.GraphModule, inputs: Sequence[Any]) -> fx.GraphModule
     mode = detect_fake_mode(known) or FakeTensorMode(allow_non_fake_inputs=True)
     _fill_placeholders(graph, inputs, mode)
     for node in list(graph.nodes):
-        if node.op not in ("call_function", "call_method") or "example_value" in node.meta:
+        if node.op not in ("call_function", "call_method") or "example_value" in node.meta or node._erased:
             continue
         if node.op == "call_function" and _is_own_function(node.target):
             _inline(graph, node)

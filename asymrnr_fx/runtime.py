@@ -35,6 +35,9 @@ from . import cache, tokens
 from .config import AsymRnRConfig
 from .schedule import Schedule
 
+# (features (B, H, N, D), dst, src, layout) -> (nearest, order) of the matching of its visual tokens
+Matcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tokens.Layout], tuple[torch.Tensor, torch.Tensor]]
+
 MAX_CONTEXTS = 8  # e.g. cond, uncond, cond_uncond and a few positional ones: bounded by construction
 
 
@@ -310,22 +313,29 @@ class AsymRnRRuntime:
         return tokens.window_split(grid, self.reduction.dst_stride, generator=gen, fixed=fixed)
 
     def matching(
-        self, site: Any, feature: str, features: Callable[[], torch.Tensor], layout: tokens.Layout, grid: tokens.Grid
+        self, site: Any, feature: str, features: Callable[[], torch.Tensor], layout: tokens.Layout, grid: tokens.Grid,
+        matcher: Matcher | None = None,
     ) -> _Cached:
         """The site's matching on `feature` for this window and context, computed once per window
-        from `features()` (B, H, N, D), which is not called when the cached matching is reused."""
+        by `matcher` (default: eagerly) from `features()` (B, H, N, D), which is not called when
+        the cached matching is reused."""
         key, window, store = (site.index, feature), self.window(site.block), self.state.matchings
         cached = store.get(key)
         if cached is None or cached.window != window:
             with torch.no_grad():
-                vis = features().narrow(2, layout.visual_offset, layout.n_visual)
-                dst, src = self._split(site.index, grid, window)
-                m = tokens.match_sources(
-                    vis, dst, src, metric=self.reduction.distance, max_elements=self.reduction.max_match_elements
-                )
-            cached = store[key] = _Cached(window, m)
+                x = features()
+                dst, src = (t.to(x.device) for t in self._split(site.index, grid, window))
+                nearest, order = (matcher or self.eager_matcher)(x, dst, src, layout)
+            cached = store[key] = _Cached(window, tokens.Matching(dst, src, nearest, order))
             self.stats["matchings"] += 1
         return cached
+
+    def eager_matcher(
+        self, x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, layout: tokens.Layout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nearest, order) of the visual tokens of x, computed eagerly."""
+        r = self.reduction
+        return tokens.match_fields(x, dst, src, layout.visual_offset, layout.n_visual, r.distance, r.max_match_elements)
 
     def plan(self, cached: _Cached, n_keep: int, layout: tokens.Layout) -> tokens.Plan:
         key = (n_keep, self.reduction.reduce_mode, layout)

@@ -8,6 +8,7 @@ largest one whose threshold <= tier, none meaning 0. Its feature "v" is our "kv"
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,17 +114,24 @@ class Schedule:
                 f"{model} has {num_blocks} attention blocks. Use a schedule made for this model."
             )
 
+    @functools.cached_property
+    def _numbers(self) -> dict[str, float | list[list[float]]]:
+        """Each feature's ratios as Python numbers: `ratio` runs per site and step, and indexing
+        a tensor there costs an operator call each time."""
+        return {f: v.tolist() if isinstance(v, torch.Tensor) else v for f in FEATURES for v in [getattr(self, f)]}
+
     def ratio(self, feature: str, block: int, step: int) -> float:
-        value = getattr(self, feature)
-        if not isinstance(value, torch.Tensor):
+        value = self._numbers[feature]
+        if not isinstance(value, list):
             return value
-        if step >= value.shape[1]:
+        if step >= len(value[0]):
+            blocks, steps = getattr(self, feature).shape
             raise ScheduleError(
                 f"denoising step {step} is outside schedule {self.name!r} of shape "
-                f"(blocks={value.shape[0]}, steps={value.shape[1]}): the generation has more steps "
+                f"(blocks={blocks}, steps={steps}): the generation has more steps "
                 "than the schedule. Use as many inference steps as the schedule has, or fewer."
             )
-        return float(value[block, step])
+        return value[block][step]
 
     @classmethod
     def from_published(cls, tiers: str | Path, thresholds: str | Path) -> Schedule:

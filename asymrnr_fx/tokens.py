@@ -205,6 +205,30 @@ def make_plan(m: Matching, n_keep: int, layout: Layout, mode: str = "replace") -
     return Plan(keep, restore, m.src[dropped] + off, drop_slot, count)
 
 
+def match_fields(
+    x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, offset: int, n_visual: int, metric: str, max_elements: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`match_sources` on the visual tokens x[:, :, offset : offset + n_visual] of a whole attention
+    sequence x (B, H, N, D): its (nearest, order), the tensors a compiled matching returns."""
+    m = match_sources(x.narrow(2, offset, n_visual), dst, src, metric=metric, max_elements=max_elements)
+    return m.nearest, m.order
+
+
+def plan_fields(
+    dst: torch.Tensor, src: torch.Tensor, nearest: torch.Tensor, order: torch.Tensor,
+    n_keep: int, n_text: int, n_visual: int, text_first: bool, mode: str,
+) -> tuple[torch.Tensor, ...]:
+    """`make_plan` from a matching's tensors, as the flat tuple a graph computes it in: (keep,
+    restore), and for `mean` (keep, restore, drop, drop_slot, count). No shape depends on data,
+    so a compiled segment builds its plan in its own kernels from the matching it is given."""
+    plan = make_plan(Matching(dst, src, nearest, order), n_keep, Layout(n_text, n_visual, text_first), mode)
+    fields = (plan.keep, plan.restore, plan.drop, plan.drop_slot, plan.count)
+    return fields if mode == "mean" else fields[:2]
+
+
+PLAN_FIELDS = ("keep", "restore", "drop", "drop_slot", "count")  # the order of `plan_fields`' tuple
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, H, N, D), index (B, H, L) -> (B, H, L, D)."""
     return x.gather(2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))

@@ -1,9 +1,12 @@
-"""One attention site: dense SDPA vs reduce -> attend -> restore, at N visual tokens.
+"""One attention site: dense SDPA vs plan -> reduce -> attend -> restore, at N visual tokens.
 
-    python -m bench.site [--tokens 4096] [--heads 6] [--head-dim 64] [--reps 7]
+    python -m bench.site [--tokens 4096] [--heads 6] [--head-dim 64] [--rounds 7]
 
-Both sides are compiled with Inductor; the reduced side runs the same functions the backend
-inserts (asymrnr_fx.tokens), with matching and plan building eager as in the backend.
+Both sides are compiled with Inductor and run what the backend runs: the reduced side builds its
+plan from the matching's tensors inside the compiled code (`tokens.plan_fields`), and the
+matching itself is one compiled call per feature (`tokens.match_fields`), made once per window
+of `matching_every` steps. Dense, reduced and matching calls are timed interleaved, round by
+round; medians and spreads (max - min) over the rounds are reported.
 FLOP-ideal speedup counts only the attention matmuls: N^2 / (Lq * Lkv).
 """
 
@@ -22,22 +25,41 @@ from asymrnr_fx import tokens
 CASES = [(0.5, 0.5), (0.25, 0.5), (0.0, 0.5)]
 
 
-def timed(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    """Median and spread (max - min) of `reps` runs in seconds, after two warm-up runs."""
-    for _ in range(2):
-        fn()
-    times = []
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def once(fn: Callable[[], object], reps: int) -> float:
+    """Seconds per call of `fn`, over `reps` back-to-back calls."""
+    _sync()
+    start = time.perf_counter()
     for _ in range(reps):
-        start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), max(times) - min(times)
+    _sync()
+    return (time.perf_counter() - start) / reps
 
 
-def reduced_attention(q, k, v, q_keep, kv_keep, restore):
-    """What the rewritten graph computes; q_keep None: queries unreduced (no gathers), as there."""
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, tuple[float, float]]:
+    """Median and spread (max - min) per function of its per-call seconds over `rounds` rounds,
+    each round timing every function in turn (order rotated by one per round), after a warm-up."""
+    names = list(fns)
+    for name in names:
+        once(fns[name], 2)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(once(fns[name], reps))
+    return {name: (statistics.median(t), max(t) - min(t)) for name, t in times.items()}
+
+
+def reduced_attention(q, k, v, q_matching, kv_matching, n_q: int, n_kv: int, layout: tokens.Layout):
+    """What a rewritten site computes from its matchings; q_matching None: queries unreduced."""
+    def plan(matching, n_keep):
+        return tokens.plan_fields(*matching, n_keep, layout.n_text, layout.n_visual, layout.text_first, "replace")
+
+    kv_keep, _ = plan(kv_matching, n_kv)
+    q_keep, restore = plan(q_matching, n_q) if q_matching is not None else (None, None)
     q_r = q if q_keep is None else tokens.gather_tokens(q, q_keep)
     out = torch.nn.functional.scaled_dot_product_attention(
         q_r, tokens.gather_tokens(k, kv_keep), tokens.gather_tokens(v, kv_keep)
@@ -52,16 +74,10 @@ def grid_for(n: int) -> tuple[int, int, int]:
     return side, side, side
 
 
-def make_plans(q, v, grid, stride, n_q, n_kv):
-    """Plans for queries (matched on q) and keys/values (matched on v); None where unreduced."""
-    layout = tokens.Layout(0, q.shape[2], True)
-    dst, src = tokens.window_split(grid, stride, generator=torch.Generator().manual_seed(0))
-    plans = []
-    for x, n in ((q, n_q), (v, n_kv)):
-        reduce = n < q.shape[2]
-        plans.append(tokens.make_plan(tokens.match_sources(x, dst, src), n, layout) if reduce else None)
-    return plans
-
+def matching_of(match: Callable, x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> tuple:
+    """(dst, src, nearest, order): what the backend passes a site for one feature."""
+    layout = tokens.Layout(0, x.shape[2], True)
+    return (dst, src, *match(x, dst, src, 0, layout.n_visual, "euclidean", 1 << 20))
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -71,27 +87,34 @@ def measure(args: argparse.Namespace) -> list[dict]:
     q, k, v = (torch.randn(shape, device=device, generator=g) for _ in range(3))
     grid, stride = grid_for(args.tokens), (2, 2, 2)
     n_dst = tokens.count_windows(grid, stride)
-    dense = torch.compile(torch.nn.functional.scaled_dot_product_attention)
-    reduced = torch.compile(reduced_attention)
-    t_dense, s_dense = timed(lambda: dense(q, k, v), args.reps)
+    dst, src = (t.to(device) for t in tokens.window_split(grid, stride, generator=torch.Generator().manual_seed(0)))
+    layout = tokens.Layout(0, args.tokens, True)
+    dense = torch.compile(torch.nn.functional.scaled_dot_product_attention, dynamic=False)
+    reduced = torch.compile(reduced_attention, dynamic=False)
+    match = torch.compile(tokens.match_fields, dynamic=False)
     rows = []
     for rq, rkv in CASES:
         n_q = tokens.reduced_length(args.tokens, n_dst, rq) if rq else args.tokens
         n_kv = tokens.reduced_length(args.tokens, n_dst, rkv) if rkv else args.tokens
-        pq, pkv = make_plans(q, v, grid, stride, n_q, n_kv)
-        q_keep, restore = (pq.keep, pq.restore) if pq else (None, None)
-        t_attn, s_attn = timed(lambda a=(q, k, v, q_keep, pkv.keep, restore): reduced(*a), args.reps)
-        t_match, _ = timed(lambda a=(q, v, grid, stride, n_q, n_kv): make_plans(*a), args.reps)
+        q_m = matching_of(match, q, dst, src) if rq else None
+        kv_m = matching_of(match, v, dst, src)
+        n_features = 1 + (rq > 0)  # matchings per window: V, and Q when queries are reduced
+        t = interleaved({
+            "dense": lambda: dense(q, k, v),
+            "reduced": lambda a=(q, k, v, q_m, kv_m, n_q, n_kv, layout): reduced(*a),
+            "matching": lambda: matching_of(match, v, dst, src),
+        }, args.rounds, args.reps)
+        (t_dense, s_dense), (t_attn, s_attn), (t_match, s_match) = t["dense"], t["reduced"], t["matching"]
         ideal = args.tokens**2 / (n_q * n_kv)
         for every in (1, 5):
-            t = t_attn + t_match / every
+            total = t_attn + n_features * t_match / every
             rows.append(
                 {
                     "q_ratio": rq, "kv_ratio": rkv, "Lq": n_q, "Lkv": n_kv, "matching_every": every,
                     "dense_ms": 1e3 * t_dense, "dense_spread_ms": 1e3 * s_dense, "reduced_attn_ms": 1e3 * t_attn,
-                    "reduced_spread_ms": 1e3 * s_attn, "matching_ms": 1e3 * t_match, "total_ms": 1e3 * t,
-                    "speedup": t_dense / t, "ideal": ideal, "efficiency": t_dense / t / ideal,
-                    "target": 0.90 if every == 5 else 0.75,
+                    "reduced_spread_ms": 1e3 * s_attn, "matching_ms": 1e3 * t_match, "matching_spread_ms": 1e3 * s_match,
+                    "total_ms": 1e3 * total, "speedup": t_dense / total, "ideal": ideal,
+                    "efficiency": t_dense / total / ideal, "target": 0.90 if every == 5 else 0.75,
                 }
             )
     return rows
@@ -110,13 +133,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--reps", type=int, default=5, help="calls per function per round")
     args = p.parse_args()
     rows = measure(args)
-    cols = ["q_ratio", "kv_ratio", "Lq", "Lkv", "matching_every", "dense_ms", "reduced_attn_ms", "matching_ms",
-            "total_ms", "speedup", "ideal", "efficiency", "target"]
+    cols = ["q_ratio", "kv_ratio", "Lq", "Lkv", "matching_every", "dense_ms", "dense_spread_ms", "reduced_attn_ms",
+            "reduced_spread_ms", "matching_ms", "total_ms", "speedup", "ideal", "efficiency", "target"]
     print(f"device={'cuda' if torch.cuda.is_available() else 'cpu'} threads={torch.get_num_threads()} "
-          f"N={args.tokens} heads={args.heads}x{args.head_dim}")
+          f"N={args.tokens} heads={args.heads}x{args.head_dim} rounds={args.rounds} x {args.reps} calls (interleaved)")
     print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".3g", tablefmt="github"))
     full = 4 * args.heads * (args.tokens // 8) * (args.tokens * 7 // 8)
     print(f"matching peak (one distance chunk): {match_peak_bytes(args) / 2**20:.1f} MiB "

@@ -182,8 +182,9 @@ def test_cache_and_reduction_compose_with_no_graph_break_and_no_recompile():
     rt = compiled.asymrnr
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
     assert rt.stats["cache_hits"] > 0 and rt.stats["matchings"] > 0 and rt.stats["generations"] == 3
-    # prologue, block-start and site pieces: bounded by structures x length pairs, not by steps
-    assert rt.stats["compiles"] <= 6
+    # prologue, block-start and site pieces and one matching: bounded by structures x length
+    # pairs, not by steps
+    assert rt.stats["compiles"] <= 6 + 1
     dense = generate(torch.compile(tiny_cogvideox(num_layers=4), backend="aot_eager"), x)
     assert all((o - d).abs().max() > 1e-4 for o, d in zip(outs[1:], dense[1:]))  # it really changed
 

@@ -106,9 +106,12 @@ def sdpa_calls(code: str) -> list[dict]:
 
 
 def index_inputs(code: str) -> dict[int, str]:
-    """int64 graph inputs (the plan's index tensors) by their last dimension."""
-    pat = r"^\s*(\w+) = rand_strided\(\(([^)]*)\), [^\n]*dtype=torch\.int64\)"
-    return {int(shape.split(",")[-1]): name for name, shape in re.findall(pat, code, re.MULTILINE)}
+    """int64 tensors by their last dimension: graph inputs, and buffers of the wrapper (the
+    backend's segments build their plan's index tensors in their own kernels)."""
+    inputs = r"^\s*(\w+) = rand_strided\(\(([^)]*)\), [^\n]*dtype=torch\.int64\)"
+    buffers = r"^\s*(\w+) = empty_strided_cpu\(\(([^)]*)\), \([^)]*\), torch\.int64\)"
+    found = [*re.findall(inputs, code, re.MULTILINE), *re.findall(buffers, _wrapper(code), re.MULTILINE)]
+    return {_dims(shape, {})[-1]: name for name, shape in found}
 
 
 def extern_calls(code: str) -> Counter:
@@ -338,3 +341,22 @@ def test_matching_never_materialises_more_scores_than_max_match_elements(monkeyp
     assert whole == [2 * 160 * 32] * 2 and model.asymrnr.stats["matchings"] == 2  # q and v
     assert sizes and max(sizes) <= limit, sizes
     assert sum(sizes) == sum(whole)  # every score computed once, in chunks
+
+
+def test_compiled_matching_never_materialises_more_scores_than_max_match_elements():
+    """The same bound in the compiled matching the backend runs: every score matmul of its code
+    writes at most `max_match_elements`, and together they cover the whole matrix once."""
+    limit, whole = 1000, 2 * 160 * 32
+    torch._dynamo.reset()
+    model = asymrnr_fx.compile(tiny_cogvideox(num_layers=1), AsymRnRConfig(q_ratio=0.5, kv_ratio=0.3,
+                                                                           max_match_elements=limit))
+    _, codes = run_and_get_code(run, model, cogvideox_inputs(), 900.0)
+    torch._dynamo.reset()
+    (matching,) = [code for code in codes if "aten.sort" in code]  # one program: Q and V share it
+    body = _wrapper(matching)
+    sizes = []
+    for op, args in re.findall(r"extern_kernels\.(baddbmm|bmm)\((.*)\)\s*$", body, re.MULTILINE):
+        a, b = _split_args(args)[(op == "baddbmm"):][:2]  # (batch, m, k) @ (batch, k, n)
+        (batch, m, _), (_, _, n) = (_shape(x, body, {}) for x in (a, b))
+        sizes.append(batch * m * n)
+    assert len(sizes) > 1 and max(sizes) <= limit and sum(sizes) == whole, sizes

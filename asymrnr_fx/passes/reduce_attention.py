@@ -1,18 +1,24 @@
-"""Rewrite one attention call into reduce -> attend -> restore, with the plan as graph inputs.
+"""Rewrite one attention call into plan -> reduce -> attend -> restore, with the matchings as
+graph inputs.
 
     sdpa(q, k, v, mask)                       # (B, H, N, D) each
 becomes
+    q_keep, restore = plan(q matching, Lq)    # index tensors built in the graph (tokens.plan_fields)
+    kv_keep = plan(v matching, Lkv)
     q_r = gather(q, q_keep)                   # or a mean-merge, (B, H, Lq, D)
     k_r, v_r = gather(k, kv_keep), gather(v, kv_keep)
     mask_r = mask[..., kv_keep] (and [q_keep] rows for a per-query mask)
     o = gather(sdpa(q_r, k_r, v_r, mask_r), restore)   # back to (B, H, N, D): one gather
 
-The index tensors are new placeholders appended after the graph's inputs, in the order of
-`plan_input_names`; the runner passes the cached plan there. Nothing else in the graph changes.
+The matching tensors (dst, src, nearest, order per reduced side) are new placeholders appended
+after the graph's inputs, in the order of `matching_input_names`; the runner passes the cached
+matchings there. The plan is built inside the compiled code (its shapes depend on the lengths of
+the variant only), so no index tensor is built between segments. Nothing else changes.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass
 
@@ -36,25 +42,20 @@ class Variant:
         return not (self.reduce_q or self.reduce_kv)
 
 
-_MERGE_FIELDS = ("drop", "drop_slot", "count")
+_MATCHING_FIELDS = ("dst", "src", "nearest", "order")  # of tokens.Matching
 
 
-def _plan_fields(v: Variant) -> list[tuple[str, str]]:
-    """(side, Plan field) of every index input, in placeholder order."""
-    fields = []
-    for side, on in (("q", v.reduce_q), ("kv", v.reduce_kv)):
-        if on:
-            fields += [(side, "keep")] + [(side, f) for f in _MERGE_FIELDS if v.mean]
-    return fields + ([("q", "restore")] if v.reduce_q else [])
+def _sides(v: Variant) -> list[str]:
+    return [side for side, on in (("q", v.reduce_q), ("kv", v.reduce_kv)) if on]
 
 
-def plan_input_names(v: Variant) -> list[str]:
-    return ["restore" if f == "restore" else f"{side}_{f}" for side, f in _plan_fields(v)]
+def matching_input_names(v: Variant) -> list[str]:
+    return [f"{side}_{f}" for side in _sides(v) for f in _MATCHING_FIELDS]
 
 
-def plan_inputs(v: Variant, plans: dict[str, tokens.Plan]) -> list:
-    """The tensors for the placeholders of `plan_input_names(v)`, from plans keyed "q" / "kv"."""
-    return [getattr(plans[side], f) for side, f in _plan_fields(v)]
+def matching_inputs(v: Variant, matchings: dict[str, tokens.Matching]) -> list:
+    """The tensors for the placeholders of `matching_input_names(v)`, from matchings keyed "q" / "kv"."""
+    return [getattr(matchings[side], f) for side in _sides(v) for f in _MATCHING_FIELDS]
 
 
 def _add_placeholders(graph: fx.Graph, names: list[str]) -> dict[str, fx.Node]:
@@ -66,34 +67,48 @@ def _add_placeholders(graph: fx.Graph, names: list[str]) -> dict[str, fx.Node]:
     return out
 
 
-def _reduce(graph: fx.Graph, x: fx.Node, side: str, p: dict[str, fx.Node], mean: bool) -> fx.Node:
+def _plan(graph: fx.Graph, p: dict[str, fx.Node], side: str, n_keep: int, layout: tokens.Layout, mean: bool) -> dict[str, fx.Node]:
+    """Nodes computing the side's plan fields (keep, restore[, drop, drop_slot, count])."""
+    matching = tuple(p[f"{side}_{f}"] for f in _MATCHING_FIELDS)
+    mode = "mean" if mean else "replace"
+    call = graph.call_function(tokens.plan_fields, (*matching, n_keep, layout.n_text, layout.n_visual, layout.text_first, mode))
+    names = tokens.PLAN_FIELDS if mean else tokens.PLAN_FIELDS[:2]
+    return {f: graph.call_function(operator.getitem, (call, i)) for i, f in enumerate(names)}
+
+
+def _reduce(graph: fx.Graph, x: fx.Node, plan: dict[str, fx.Node], mean: bool) -> fx.Node:
     if mean:
-        args = (x, p[f"{side}_keep"], p[f"{side}_drop"], p[f"{side}_drop_slot"], p[f"{side}_count"])
+        args = (x, *(plan[f] for f in ("keep", "drop", "drop_slot", "count")))
         return graph.call_function(tokens.merge_tokens, args)
-    return graph.call_function(tokens.gather_tokens, (x, p[f"{side}_keep"]))
+    return graph.call_function(tokens.gather_tokens, (x, plan["keep"]))
 
 
-def rewrite_site(gm: fx.GraphModule, node_name: str, v: Variant, counters: Counter) -> fx.GraphModule:
-    """Rewrite the attention node `node_name` of gm in place for variant v; returns gm."""
+def rewrite_site(
+    gm: fx.GraphModule, node_name: str, v: Variant, lengths: dict[str, int], layout: tokens.Layout, counters: Counter
+) -> fx.GraphModule:
+    """Rewrite the attention node `node_name` of gm in place for variant v, keeping lengths[side]
+    visual tokens per reduced side ("q", "kv") of `layout`'s sequence; returns gm."""
     if v.dense:
         return gm
     graph = gm.graph
     node = next(n for n in graph.nodes if n.name == node_name)
     a = sdpa_arguments(node)
     before = len(graph.nodes)
-    p = _add_placeholders(graph, plan_input_names(v))
+    p = _add_placeholders(graph, matching_input_names(v))
     with graph.inserting_before(node):
-        q = _reduce(graph, a["query"], "q", p, v.mean) if v.reduce_q else a["query"]
-        k = _reduce(graph, a["key"], "kv", p, v.mean) if v.reduce_kv else a["key"]
-        val = _reduce(graph, a["value"], "kv", p, v.mean) if v.reduce_kv else a["value"]
+        plans = {side: _plan(graph, p, side, lengths[side], layout, v.mean) for side in _sides(v)}
+        q = _reduce(graph, a["query"], plans["q"], v.mean) if v.reduce_q else a["query"]
+        k = _reduce(graph, a["key"], plans["kv"], v.mean) if v.reduce_kv else a["key"]
+        val = _reduce(graph, a["value"], plans["kv"], v.mean) if v.reduce_kv else a["value"]
         mask = a["attn_mask"]
         if isinstance(mask, fx.Node):
-            mask = graph.call_function(tokens.reduce_mask, (mask, p.get("kv_keep"), p.get("q_keep")))
+            keep = {side: plans[side]["keep"] if side in plans else None for side in ("q", "kv")}
+            mask = graph.call_function(tokens.reduce_mask, (mask, keep["kv"], keep["q"]))
         kwargs = {name: a[name] for name in SDPA_PARAMS[3:] if name in a}
         kwargs["attn_mask"] = mask
         out = graph.call_function(node.target, (q, k, val), kwargs)
         if v.reduce_q:
-            out = graph.call_function(tokens.gather_tokens, (out, p["restore"]))
+            out = graph.call_function(tokens.gather_tokens, (out, plans["q"]["restore"]))
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     graph.lint()
