@@ -36,6 +36,14 @@ from .runtime import AsymRnRRuntime, register_runtime, runtime_for_anchor
 
 CompiledFn = Callable[..., Any]
 
+# Inductor options of every lazily compiled graph (the user's `inductor_options` override them).
+# size_asserts: the code would check every input's size and stride at every call, weights
+# included (a segment takes its block's weights as inputs, so that one program serves every block
+# of a structure): ~20 checks per block and step. The runtime keys compiled code by its inputs'
+# shapes and layouts instead (`_input_signature`, and activation layouts per call), and Dynamo's
+# guards pin the graph inputs, so no call reaches code compiled for other shapes or strides.
+SEGMENT_OPTIONS = {"size_asserts": False}
+
 
 def inner_compile(gm: fx.GraphModule, inputs: Sequence[Any], cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> CompiledFn:
     """Compile one graph with the configured inner compiler, counting and timing it."""
@@ -44,7 +52,7 @@ def inner_compile(gm: fx.GraphModule, inputs: Sequence[Any], cfg: AsymRnRConfig,
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {**(list_mode_options(cfg.mode) if cfg.mode else {}), **cfg.inductor_options}
+        patches = {**SEGMENT_OPTIONS, **(list_mode_options(cfg.mode) if cfg.mode else {}), **cfg.inductor_options}
         # Lazy compiles run outside Dynamo: without these, both of Inductor's on-disk caches are
         # bypassed and every new process recompiles every segment (see inductor_cache).
         with inductor_cache.tracing_context() as mode:
@@ -111,6 +119,12 @@ class _Segment:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fns": {}}  # compiled code is looked up again (a loaded package's programs)
 
+    def _activation_layouts(self, args: Sequence[Any]) -> tuple | None:
+        """None when every activation is contiguous (the usual case, one cheap check each),
+        else their layouts."""
+        acts = [args[i] for i in self.activations if isinstance(args[i], torch.Tensor)]
+        return None if all(a.is_contiguous() for a in acts) else tuple(_layout(a) for a in acts)
+
     def _key(self, args: Sequence[Any], variant: Any) -> tuple:
         """Segments of one structure share compiled code, across blocks and across Dynamo graphs.
         A recompile (e.g. the pipeline's timestep turning from float32 to bfloat16 after the first
@@ -122,7 +136,7 @@ class _Segment:
         return (self.structure, variant, self._inputs, strides)
 
     def _compiled(self, args: Sequence[Any], variant: Any, build: Callable[[], fx.GraphModule], extra: list) -> CompiledFn:
-        local = (variant, tuple(_layout(args[i]) for i in self.activations if isinstance(args[i], torch.Tensor)))
+        local = (variant, self._activation_layouts(args))
         fn = self._fns.get(local)
         if fn is None:
             fn = self._fns[local] = compiled_for(self.rt, self._key(args, variant), build, [*args, *extra])

@@ -81,14 +81,15 @@ def _split_args(text: str) -> list[str]:
     return [a for a in [*out, cur.strip()] if a and "=" not in a]
 
 
-def _shape(arg: str, before: str, hints: dict[str, int]) -> tuple[int, ...]:
-    """Shape of a wrapper argument: an inline reinterpret_tensor view, or a buffer / input named
-    by its last allocation, view or size assertion in `before`."""
+def _shape(arg: str, before: str, hints: dict[str, int], code: str = "") -> tuple[int, ...]:
+    """Shape of a wrapper argument: an inline reinterpret_tensor view, a buffer named by its last
+    allocation or view in `before`, or an input of `code` (its example in the benchmark harness:
+    the backend compiles without size assertions)."""
     if m := re.match(r"reinterpret_tensor\(\w+, \(([^)]*)\)", arg):
         return _dims(m[1], hints)
     made = rf"\b{arg} = (?:empty_strided_cpu\(|reinterpret_tensor\(\w+, )"
     pat = rf"(?:{made}|assert_size_stride\({arg}, )\(([^)]*)\)"
-    found = re.findall(pat, before)
+    found = re.findall(pat, before) or re.findall(rf"^\s*{arg} = rand_strided\(\(([^)]*)\)", code, re.MULTILINE)
     assert found, f"no shape for {arg}"
     return _dims(found[-1], hints)
 
@@ -100,7 +101,7 @@ def sdpa_calls(code: str) -> list[dict]:
     for m in _SDPA.finditer(body):
         q, k, v = _split_args(m[3])[:3]
         before = body[: m.start()]
-        shapes = [_shape(a, before, hints) for a in (q, k, v)]
+        shapes = [_shape(a, before, hints, code) for a in (q, k, v)]
         calls.append({"op": m[2], "result": m[1], "args": (q, k, v), "shapes": shapes, "pos": m.end()})
     return calls
 
@@ -207,8 +208,7 @@ def test_reduced_segment_attends_on_reduced_lengths_dense_segment_on_full(asymme
     assert all(s[:2] == (B, H) and s[3] == D for c in calls for s in c["shapes"])
     reduced = next(code for code in codes for c in sdpa_calls(code) if c["shapes"][0][2] == 100)
     FileCheck().check("(1, 2, 100, 16)").check("(1, 2, 138, 16)").check(
-        "_scaled_dot_product_flash_attention_for_cpu.default(").check("(1, 2, 100, 16)").run(
-        _static_shapes(reduced))
+        "_scaled_dot_product_flash_attention_for_cpu.default(").run(_static_shapes(reduced))
 
 
 def _static_shapes(code: str) -> str:
