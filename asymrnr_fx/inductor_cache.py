@@ -94,7 +94,8 @@ def _inline(graph: fx.Graph, node: fx.Node) -> None:
     for new in graph.nodes:  # the copied nodes: tell them apart by the missing example value
         if "val" in new.meta and "example_value" not in new.meta and new.op == "call_function":
             new.meta["example_value"] = new.meta["val"]
-            new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
+            if node.meta.get("stack_trace") is not None:  # None would break a backward trace (grad mode)
+                new.meta.setdefault("stack_trace", node.meta["stack_trace"])
     if isinstance(out, (tuple, list)):  # a function returning several tensors: its getitem users read them
         for user in list(node.users):
             user.replace_all_uses_with(out[user.args[1]])
