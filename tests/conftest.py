@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel
 
-os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # a warm cache would hide pass bugs
+# Inductor's on-disk caches start empty for every test run: a cache warmed by other code (an earlier
+# run, another checkout) would hide pass bugs. Within the run they are shared, as in CI's fresh
+# machine. (Setting TORCHINDUCTOR_FORCE_DISABLE_CACHES here had no effect: diffusers has imported
+# Inductor's config by now; a test that needs a cold trace patches `force_disable_caches`.)
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="asymrnr-tests-inductor-")
+atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "asymrnr-official"
 
