@@ -108,8 +108,8 @@ class _Segment:
     """One segment of the cut graph: compiles on first use, keyed by activation strides and the
     variant its reducer (if any) asks for at this step."""
 
-    def __init__(self, gm: fx.GraphModule, cfg: AsymRnRConfig, rt: AsymRnRRuntime, activations: list[int], reducer=None):
-        self.gm, self.cfg, self.rt, self.reducer = gm, cfg, rt, reducer
+    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, activations: list[int], reducer=None):
+        self.gm, self.rt, self.reducer = gm, rt, reducer
         self.single = _ensure_tuple_output(gm)
         self.structure = segment.structure_key(gm.graph)
         self.activations = activations
@@ -203,11 +203,11 @@ class AsymmetricReducer:
     """A segment that starts with a reducible attention call: queries and keys/values reduced
     by their own lengths, matched on Q and on V."""
 
-    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, grid: tokens.Grid, matcher: Any):
-        self.rt, self.site, self.grid, self.matcher = rt, site, grid, matcher
+    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, matcher: CompiledMatcher):
+        self.rt, self.site, self.grid, self.matcher = rt, site, site.grid, matcher
         args = sites.sdpa_arguments(next(n for n in gm.graph.nodes if n.name == site.node_name))
         self.pos = {f: _placeholder_index(gm, args[name].name) for f, name in (("q", "query"), ("v", "value"))}
-        self.n_dst = tokens.count_windows(grid, rt.config.reduction.dst_stride)
+        self.n_dst = tokens.count_windows(site.grid, rt.config.reduction.dst_stride)
         self.mean = rt.config.reduction.reduce_mode == "mean"
 
     def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
@@ -238,10 +238,10 @@ class SymmetricReducer:
     """A segment that starts at a site's Q/K/V projections (symmetric mode): the hidden state is
     reduced before them, one matching on the batch mean."""
 
-    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, points, grid: tokens.Grid, matcher: Any):
-        self.rt, self.site, self.points, self.grid, self.matcher = rt, site, points, grid, matcher
+    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, points, matcher: CompiledMatcher):
+        self.rt, self.site, self.points, self.grid, self.matcher = rt, site, points, site.grid, matcher
         self.x_pos = _placeholder_index(gm, points.x)
-        self.n_dst = tokens.count_windows(grid, rt.config.reduction.dst_stride)
+        self.n_dst = tokens.count_windows(site.grid, rt.config.reduction.dst_stride)
         lay = site.layout
         self.x_layout = lay if points.x_full else tokens.Layout(0, lay.n_visual, True)
         self.mean = rt.config.reduction.reduce_mode == "mean"
@@ -323,10 +323,8 @@ def _reduction_cuts(gm: fx.GraphModule, info: sites.ModelInfo, rt: AsymRnRRuntim
 
 
 def _reducer(sub: fx.GraphModule, rt: AsymRnRRuntime, found: Any, matcher: CompiledMatcher):
-    site, points = found  # the site's own grid
-    if points is None:
-        return AsymmetricReducer(sub, rt, site, site.grid, matcher)
-    return SymmetricReducer(sub, rt, site, points, site.grid, matcher)
+    site, points = found
+    return AsymmetricReducer(sub, rt, site, matcher) if points is None else SymmetricReducer(sub, rt, site, points, matcher)
 
 
 def _cache_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -> tuple[dict[str, int], str | None]:
@@ -355,7 +353,7 @@ def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig
         block = block_starts.get(firsts[name], found[0].block if found is not None else block)
         part_blocks[name] = block
         reducer = _reducer(sub, rt, found, matcher) if found is not None else None
-        seg = _Segment(sub, cfg, rt, _activation_positions(top, name), reducer)
+        seg = _Segment(sub, rt, _activation_positions(top, name), reducer)
         if k < len(names) - 1:
             _contiguous_outputs(sub)
         delattr(top, name)

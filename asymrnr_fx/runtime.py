@@ -314,28 +314,21 @@ class AsymRnRRuntime:
 
     def matching(
         self, site: Any, feature: str, features: Callable[[], torch.Tensor], layout: tokens.Layout, grid: tokens.Grid,
-        matcher: Matcher | None = None,
+        matcher: Matcher,
     ) -> _Cached:
         """The site's matching on `feature` for this window and context, computed once per window
-        by `matcher` (default: eagerly) from `features()` (B, H, N, D), which is not called when
-        the cached matching is reused."""
+        by `matcher` from `features()` (B, H, N, D), which is not called when the cached matching
+        is reused."""
         key, window, store = (site.index, feature), self.window(site.block), self.state.matchings
         cached = store.get(key)
         if cached is None or cached.window != window:
             with torch.no_grad():
                 x = features()
                 dst, src = (t.to(x.device) for t in self._split(site.index, grid, window))
-                nearest, order = (matcher or self.eager_matcher)(x, dst, src, layout)
+                nearest, order = matcher(x, dst, src, layout)
             cached = store[key] = _Cached(window, tokens.Matching(dst, src, nearest, order))
             self.stats["matchings"] += 1
         return cached
-
-    def eager_matcher(
-        self, x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, layout: tokens.Layout
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nearest, order) of the visual tokens of x, computed eagerly."""
-        r = self.reduction
-        return tokens.match_fields(x, dst, src, layout.visual_offset, layout.n_visual, r.distance, r.max_match_elements)
 
     def plan(self, cached: _Cached, n_keep: int, layout: tokens.Layout) -> tokens.Plan:
         key = (n_keep, self.reduction.reduce_mode, layout)
