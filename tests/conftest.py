@@ -14,10 +14,12 @@ from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DMode
 
 # Inductor's on-disk caches start empty for every test run: a cache warmed by other code (an earlier
 # run, another checkout) would hide pass bugs. Within the run they are shared, as in CI's fresh
-# machine. (Setting TORCHINDUCTOR_FORCE_DISABLE_CACHES here had no effect: diffusers has imported
-# Inductor's config by now; a test that needs a cold trace patches `force_disable_caches`.)
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="asymrnr-tests-inductor-")
-atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
+# machine. A directory already set is kept: the warm-start tests' subprocesses import this file
+# with their own. (Setting TORCHINDUCTOR_FORCE_DISABLE_CACHES here had no effect: diffusers has
+# imported Inductor's config by now; a test that needs a cold trace patches `force_disable_caches`.)
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="asymrnr-tests-inductor-")
+    atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "asymrnr-official"
 
