@@ -214,6 +214,9 @@ def match_fields(
     return m.nearest, m.order
 
 
+PLAN_FIELDS = ("keep", "restore", "drop", "drop_slot", "count")  # the order of `plan_fields`' tuple
+
+
 def plan_fields(
     dst: torch.Tensor, src: torch.Tensor, nearest: torch.Tensor, order: torch.Tensor,
     n_keep: int, n_text: int, n_visual: int, text_first: bool, mode: str,
@@ -222,11 +225,7 @@ def plan_fields(
     restore), and for `mean` (keep, restore, drop, drop_slot, count). No shape depends on data,
     so a compiled segment builds its plan in its own kernels from the matching it is given."""
     plan = make_plan(Matching(dst, src, nearest, order), n_keep, Layout(n_text, n_visual, text_first), mode)
-    fields = (plan.keep, plan.restore, plan.drop, plan.drop_slot, plan.count)
-    return fields if mode == "mean" else fields[:2]
-
-
-PLAN_FIELDS = ("keep", "restore", "drop", "drop_slot", "count")  # the order of `plan_fields`' tuple
+    return tuple(getattr(plan, f) for f in (PLAN_FIELDS if mode == "mean" else PLAN_FIELDS[:2]))
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

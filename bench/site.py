@@ -76,8 +76,7 @@ def grid_for(n: int) -> tuple[int, int, int]:
 
 def matching_of(match: Callable, x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> tuple:
     """(dst, src, nearest, order): what the backend passes a site for one feature."""
-    layout = tokens.Layout(0, x.shape[2], True)
-    return (dst, src, *match(x, dst, src, 0, layout.n_visual, "euclidean", 1 << 20))
+    return (dst, src, *match(x, dst, src, 0, x.shape[2], "euclidean", 1 << 20))
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
