@@ -11,6 +11,7 @@ from conftest import skip_dit_reuse
 from diffusers import HunyuanDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from test_reference import reference_self_attention
+from test_symmetric import RefSymmetric
 
 import asymrnr_fx
 from asymrnr_fx import AsymRnRConfig, BlockCache, ConfigError, SkipCache
@@ -167,3 +168,23 @@ def test_skip_cache_on_long_skips_with_inductor_end_to_end():
     rt = ours.asymrnr
     assert [s for (s, _), (_, skipped) in rt.cache_log.items() if skipped] == [3, 5, 7]
     assert rt.rewrites["sites_reduced"] == 6 and rt.stats["compiles"] >= 3
+
+
+def test_symmetric_mode_matches_the_reference_with_the_2d_rope():
+    """Hidden state reduced before the projections of every block's self-attention, the (N, D)
+    RoPE tables gathered with it, against HunyuanDiT's own processor on the kept tokens."""
+    model, x = tiny_hunyuan_dit(), inputs()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.5, split="fixed"))
+    got = call(compiled, x, 900.0)
+    rt = compiled.asymrnr
+    assert rt.rewrites["sites_reduced"] == 6 and "sites_not_symmetric" not in rt.rewrites
+    assert set(rt.used_lengths[(0, 0)].values()) == {(32, 32)}
+    attns = [block.attn1 for block in model.blocks]
+    refs = [RefSymmetric(a.processor, 0.5, "image_rotary_emb", lambda rope, rows: tuple(t[rows] for t in rope),
+                         grid_of=lambda n: (1, 8, 8)) for a in attns]
+    for a, ref in zip(attns, refs):
+        a.set_processor(ref)
+    want = call(model, x, 900.0)
+    assert [r.calls for r in refs] == [1] * 6
+    assert (got - call(asymrnr_fx.compile(tiny_hunyuan_dit(), cheap()), x, 900.0)).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ from conftest import run
 from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel, MochiTransformer3DModel
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15Transformer3DModel
 from test_reference import reference_attention, reference_self_attention
+from test_symmetric import RefSymmetric, RefSymmetricCogVideoX
 
 import asymrnr_fx
 from asymrnr_fx import AsymRnRConfig, BlockCache, SkipCache
@@ -172,6 +173,20 @@ def test_cogvideox15_block_cache_skips_blocks(q, kv):
     assert rt.stats["matchings"] > 0 if q else rt.stats["matchings"] == 0
 
 
+def test_cogvideox15_symmetric_mode_matches_the_reference_on_the_temporal_patch_grid():
+    model, inputs = tiny_cogvideox15(), cogvideox15_inputs()
+    cfg = cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.5, split="fixed")
+    compiled = asymrnr_fx.compile(model, cfg)
+    got = run(compiled, inputs, 900.0)
+    rt = compiled.asymrnr
+    assert rt.rewrites["sites_reduced"] == 2 and "sites_not_symmetric" not in rt.rewrites
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(RefSymmetricCogVideoX(0.5, grid=(2, 8, 8)))
+    want = run(model, inputs, 900.0)
+    assert (got - run(asymrnr_fx.compile(tiny_cogvideox15(), cheap()), inputs, 900.0)).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 # ---- Latte --------------------------------------------------------------------------------------
 LATTE_SPATIAL = 16  # 4 x 4 patches per frame
 
@@ -256,6 +271,48 @@ def test_latte_cache_with_no_whole_layer_to_skip_is_a_clear_error():
     compiled = asymrnr_fx.compile(tiny_latte(num_layers=2), cheap(q_ratio=0.0, kv_ratio=0.0, cache=rule))
     with pytest.raises(Exception, match="leaves no whole layer to skip in latte"):
         run(compiled, latte_inputs(), 900.0)
+
+
+def tiny_latte_wide(num_layers: int = 2, seed: int = 0) -> LatteTransformer3DModel:
+    """tiny_latte with head dim 12: its inner width 24 differs from every token count (16, 4)."""
+    torch.manual_seed(seed)
+    return LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=24, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        caption_channels=16, video_length=4,
+    ).eval()
+
+
+def test_latte_symmetric_mode_reduces_per_frame_and_per_position_as_the_reference():
+    """Spatial sequences (one per frame) and temporal ones (one per position) each share one
+    matching over their batch of sequences, on their own grid."""
+    model, inputs = tiny_latte_wide(), latte_inputs()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.5, split="fixed"))
+    got = run(compiled, inputs, 900.0)
+    rt = compiled.asymrnr
+    assert rt.rewrites["sites_reduced"] == 4 and "sites_not_symmetric" not in rt.rewrites
+    assert rt.used_lengths[(0, 0)]["transformer_blocks.0.attn1"] == (8, 8)
+    assert rt.used_lengths[(0, 0)]["temporal_transformer_blocks.0.attn1"] == (2, 2)
+    grids = {LATTE_SPATIAL: (1, 4, 4), 4: (4, 1, 1)}
+    attns = [m for name, m in model.named_modules() if name.endswith("attn1")]
+    refs = [RefSymmetric(m.processor, 0.5, grid_of=grids.__getitem__) for m in attns]
+    for m, ref in zip(attns, refs):
+        m.set_processor(ref)
+    want = run(model, inputs, 900.0)
+    assert [r.calls for r in refs] == [1] * 4
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_latte_symmetric_mode_keeps_sites_dense_where_a_token_count_equals_the_width():
+    """tiny_latte: 16 spatial tokens and inner width 16: shape arguments could not be told apart,
+    so its spatial sites stay dense with the reason; the temporal ones (4 tokens) are reduced."""
+    compiled = asymrnr_fx.compile(tiny_latte(), cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.5))
+    with pytest.warns(UserWarning, match="transformer_blocks.0.attn1 stays dense in symmetric mode: a token count"):
+        run(compiled, latte_inputs(), 900.0)
+    rt = compiled.asymrnr
+    assert rt.rewrites["sites_not_symmetric"] == 2 and rt.rewrites["sites_reduced"] == 2
+    assert set(rt.used_lengths[(0, 0)]) == {f"temporal_transformer_blocks.{i}.attn1" for i in range(2)}
 
 
 @pytest.mark.inductor

@@ -20,6 +20,7 @@ from diffusers import (
 )
 from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
 from test_reference import reference_self_attention
+from test_symmetric import RefSymmetric
 
 import asymrnr_fx
 from asymrnr_fx import AsymRnRConfig, BlockCache
@@ -334,14 +335,59 @@ def test_inductor_reduced_generation_matches_the_cheap_path(name):
     assert rt.rewrites["sites_reduced"] == 1 and rt.stats["compiles"] == 2 + 1  # before / after the site, matching
 
 
+# ---- symmetric mode -----------------------------------------------------------------------------
+def _rows(rope: tuple, rows: list[int]) -> tuple:
+    return tuple(t[:, rows] for t in rope)
+
+
+# How each family hands its RoPE to the self-attention processor, and its kept-token version,
+# written out per family (the rewrite finds the token axis itself): Wan / SkyReels-V2 (cos, sin)
+# (1, N, 1, D); LTX-Video (cos, sin) (B, N, D); Allegro (per-axis tables, positions (1, N) each).
+ROPE_OF = {
+    "wan": ("rotary_emb", _rows), "skyreels_v2": ("rotary_emb", _rows), "ltx_video": ("image_rotary_emb", _rows),
+    "allegro": ("image_rotary_emb", lambda rope, rows: (rope[0], _rows(rope[1], rows))),
+}
+
+
+def _self_attentions(model) -> list:
+    return [m for name, m in model.named_modules() if name.endswith(".attn1")]
+
+
 @each_family
-def test_symmetric_mode_fails_closed_on_rope_tables_it_cannot_follow(fam):
-    """These families' RoPE tables are not 2-D (N, D) (Wan (1, N, 1, D), LTX (B, N, D), Allegro
-    positions): the symmetric rewrite would not reduce them, so every site stays dense, says why,
-    and the output is the baseline's."""
+@pytest.mark.parametrize("mode", ["replace", "mean"])
+def test_symmetric_mode_follows_each_rope_layout_and_matches_the_reference(fam, mode):
+    """Hidden state reduced before the projections: the RoPE tables are gathered along their own
+    token axis ((1, N, 1, D), (B, N, D), positions (1, N)); replace mode against the family's
+    processor on the kept tokens, mean mode closer to dense than a larger ratio."""
     model, inputs = fam.build(num_layers=2), fam.inputs()
+    dense = call(model, fam, inputs, 900.0)
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.5, split="fixed", reduce_mode=mode))
+    got = call(compiled, fam, inputs, 900.0)
+    rt = compiled.asymrnr
+    assert rt.rewrites["sites_reduced"] == 2 and "sites_not_symmetric" not in rt.rewrites
+    assert rt.stats["matchings"] == 2 and (got - dense).abs().max() > 1e-3
+    assert rt.used_lengths[(0, 0)] == {s: (N_VISUAL // 2, N_VISUAL // 2) for s in rt.active_sites}
+    if mode == "replace":
+        refs = [RefSymmetric(m.processor, 0.5, *ROPE_OF[ADAPTER_FAMILY[fam.name]]) for m in _self_attentions(model)]
+        for m, ref in zip(_self_attentions(model), refs):
+            m.set_processor(ref)
+        want = call(model, fam, inputs, 900.0)
+        assert [r.calls for r in refs] == [1, 1]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:
+        torch._dynamo.reset()
+        small = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.1, split="fixed", reduce_mode=mode))
+        assert (call(small, fam, inputs, 900.0) - dense).abs().max() < (got - dense).abs().max()
+
+
+def test_symmetric_mode_fails_closed_when_a_token_count_equals_a_feature_size():
+    """Head dim 192 = the 192 video tokens: Wan's (1, N, 1, D) table has two axes of a token count,
+    and so would the shape arguments: the rewrite cannot tell them apart, so the site stays dense
+    and says why."""
+    model, fam = tiny_wan(attention_head_dim=N_VISUAL), BY_NAME["wan21_t2v"]
+    inputs = wan_inputs()
     compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.3))
-    with pytest.warns(UserWarning, match="stays dense in symmetric mode: input .* has a token axis"):
+    with pytest.warns(UserWarning, match="stays dense in symmetric mode: a token count equals a feature size"):
         got = call(compiled, fam, inputs, 900.0)
     rt = compiled.asymrnr
     assert rt.rewrites["sites_not_symmetric"] == 2 and rt.rewrites["sites_rewritten"] == 0

@@ -3,6 +3,7 @@ projection) against a plain eager attention processor written here."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -16,9 +17,9 @@ from asymrnr_fx import AsymRnRConfig, Schedule
 GRID, STRIDE = (3, 8, 8), (2, 2, 2)
 
 
-def ref_symmetric_plan(x_vis: torch.Tensor, n_keep: int):
+def ref_symmetric_plan(x_vis: torch.Tensor, n_keep: int, grid: tuple[int, int, int] = GRID):
     """Batch-shared matching on the batch mean: kept visual positions and each position's row."""
-    dst, src = ref_split(GRID, STRIDE)
+    dst, src = ref_split(grid, STRIDE)
     ranked, nearest = ref_match(x_vis.mean(0), dst, src, "euclidean")
     kept = ranked[: n_keep - len(dst)]
     rows = list(dst) + kept
@@ -28,27 +29,56 @@ def ref_symmetric_plan(x_vis: torch.Tensor, n_keep: int):
     return rows, row_of
 
 
+class RefSymmetric:
+    """A model's own attention processor run on the kept tokens only (one matching on the batch
+    mean of the projection input), its output copied back to every token. For self-attention over
+    video alone: `grid_of` gives the sequence's grid by its length; `rope_arg` names the RoPE
+    argument and `reduce_rope(rope, rows)` keeps its rows (written out per family by the caller)."""
+
+    def __init__(self, processor, ratio: float, rope_arg: str | None = None, reduce_rope=None, grid_of=None):
+        self.processor, self.ratio, self.rope_arg, self.reduce_rope = processor, ratio, rope_arg, reduce_rope
+        self.grid_of = grid_of or (lambda n: GRID)
+        self.calls = 0
+
+    def __call__(self, attn, hidden_states, *args, image_rotary_emb=None, **kwargs):
+        """`image_rotary_emb` named: diffusers' Attention passes only the keywords its processor's
+        signature names (Allegro); the others pass their RoPE by position."""
+        if image_rotary_emb is not None:
+            kwargs["image_rotary_emb"] = image_rotary_emb
+        n, grid = hidden_states.shape[1], self.grid_of(hidden_states.shape[1])
+        n_dst = math.prod(-(-g // s) for g, s in zip(grid, STRIDE))
+        rows, row_of = ref_symmetric_plan(hidden_states, max(n_dst, int(n * (1 - self.ratio))), grid)
+        bound = inspect.signature(self.processor.__call__).bind(attn, hidden_states[:, rows], *args, **kwargs)
+        if self.rope_arg is not None:
+            bound.arguments[self.rope_arg] = self.reduce_rope(bound.arguments[self.rope_arg], rows)
+        out = self.processor(*bound.args, **bound.kwargs)
+        self.calls += 1
+        return torch.stack([out[:, row_of[p]] for p in range(n)], dim=1)
+
+
 class RefSymmetricCogVideoX:
     """CogVideoX attention on the kept tokens only; outputs copied back after to_out."""
 
-    def __init__(self, ratio: float):
-        self.ratio = ratio
+    def __init__(self, ratio: float, grid: tuple[int, int, int] = GRID):
+        self.ratio, self.grid = ratio, grid
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         t = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         n = hidden_states.shape[1]
-        n_keep = max(2 * 4 * 4, int(n * (1 - self.ratio)))
-        rows, row_of = ref_symmetric_plan(x[:, t:], n_keep)
+        n_dst = math.prod(-(-g // s) for g, s in zip(self.grid, STRIDE))
+        rows, row_of = ref_symmetric_plan(x[:, t:], max(n_dst, int(n * (1 - self.ratio))), self.grid)
         xr = torch.cat([x[:, :t], x[:, [t + p for p in rows]]], dim=1)
         b, heads = x.shape[0], attn.heads
-        q, k, v = (f(xr).view(b, -1, heads, 16).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+        d = attn.to_q.out_features // heads
+        q, k, v = (f(xr).view(b, -1, heads, d).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
         q, k = attn.norm_q(q), attn.norm_k(k)
-        cos, sin = (e[rows] for e in image_rotary_emb)
-        q = torch.cat([q[:, :, :t], apply_rotary_emb(q[:, :, t:], (cos, sin))], dim=2)
-        k = torch.cat([k[:, :, :t], apply_rotary_emb(k[:, :, t:], (cos, sin))], dim=2)
-        o = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(16), dim=-1) @ v
-        o = attn.to_out[0](o.transpose(1, 2).reshape(b, -1, heads * 16))
+        if image_rotary_emb is not None:
+            cos, sin = (e[rows] for e in image_rotary_emb)
+            q = torch.cat([q[:, :, :t], apply_rotary_emb(q[:, :, t:], (cos, sin))], dim=2)
+            k = torch.cat([k[:, :, :t], apply_rotary_emb(k[:, :, t:], (cos, sin))], dim=2)
+        o = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1) @ v
+        o = attn.to_out[0](o.transpose(1, 2).reshape(b, -1, heads * d))
         video = torch.stack([o[:, t + row_of[p]] for p in range(n)], dim=1)
         return video, o[:, :t]
 

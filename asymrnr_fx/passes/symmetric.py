@@ -3,11 +3,12 @@ and the attention output restored *after* the output projection, so the projecti
 fewer tokens too.
 
 Between those two points everything that carries the token axis must shrink with it: the
-projection input X, the RoPE tables (N_visual, D), the attention mask's key axis, and the token
+projection input X, the RoPE tables (their video-token axis, wherever it is: (N, D), (1, N, 1, D),
+(B, N, D), position ids (1, N)), the attention mask's key axis, and the token
 counts Dynamo baked into shape arguments (HunyuanVideo's RoPE traces as `reshape(q, 1, 192, 2)`,
 CogVideoX's as `reshape(q, 1, 2, 192, -1, 2)`). One matching per site is shared by the whole
-batch: the RoPE tables have no batch axis. Anything unexpected makes the site unreducible in
-this mode, with the reason (fail closed).
+batch (a RoPE table with a batch axis is gathered along its token axis for every sample).
+Anything unexpected makes the site unreducible in this mode, with the reason (fail closed).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class SymmetricPoints:
     cut: str
     x: str
     x_full: bool
-    rope: tuple[str, ...]
+    rope: tuple[tuple[str, int], ...]  # (input, token axis) of each RoPE table / position input
     mask: str | None
     restore: str
     restore_axis: int
@@ -53,33 +54,46 @@ def _region(graph: fx.Graph, path: str) -> list[fx.Node]:
     ]
 
 
-def _rope_inputs(region: list[fx.Node], n_visual: int) -> tuple[str, ...]:
-    inside = {n.name for n in region}
-    found = []
+def _token_axis(shape: tuple[int, ...], n_tokens: tuple[int, ...]) -> int | None:
+    """The one axis of `shape` whose size is a token count, None when there is none; ValueError
+    when several are (the rewrite could not tell which axis carries the tokens)."""
+    axes = [i for i, size in enumerate(shape) if size in n_tokens]
+    if len(axes) > 1:
+        raise ValueError(f"{tuple(shape)}: several axes equal a token count {n_tokens}")
+    return axes[0] if axes else None
+
+
+def _outside_inputs(region: list[fx.Node], known: set[str]) -> list[fx.Node]:
+    """Tensor inputs of the region produced outside it, parameters and `known` ones left out."""
+    inside, found = {n.name for n in region}, {}
     for node in region:
         for a in node.all_input_nodes:
-            shape = _shape(a)
-            if a.name not in inside and shape and len(shape) == 2 and shape[0] == n_visual and a.name not in found:
-                found.append(a.name)
+            if a.name not in inside and a.name not in known and _shape(a) and not _is_parameter(a):
+                found.setdefault(a.name, a)
+    return list(found.values())
+
+
+def _rope_inputs(region: list[fx.Node], known: set[str], n_visual: int, n_total: int) -> tuple[tuple[str, int], ...] | str:
+    """(name, token axis) of each outside input of the region that carries the video tokens
+    along one axis: RoPE tables (N, D) (CogVideoX, HunyuanVideo), (1, N, 1, D) (Wan), (B, N, D)
+    (LTX-Video), position ids (1, N) (Allegro); or the reason one cannot be followed (fail
+    closed): a token axis over text and video, or several axes of a token count."""
+    found = []
+    for a in _outside_inputs(region, known):
+        shape = _shape(a)
+        try:
+            axis = _token_axis(shape, (n_visual, n_total))
+        except ValueError as err:
+            return f"input {a.name} {err}: the symmetric rewrite cannot tell its token axis"
+        if axis is not None and shape[axis] != n_visual:
+            return f"input {a.name} {tuple(shape)} has a token axis the symmetric rewrite does not follow"
+        if axis is not None:
+            found.append((a.name, axis))
     return tuple(found)
 
 
 def _is_parameter(node: fx.Node) -> bool:
     return isinstance(node.meta.get("example_value"), torch.nn.Parameter)
-
-
-def _unfollowed_input(region: list[fx.Node], known: set[str], rope: tuple[str, ...], n_tokens: tuple[int, ...]) -> str:
-    """An input of the region with a token axis that the rewrite would not reduce (a RoPE table
-    other than 2-D (N, D), e.g. Wan's (1, N, 1, D)), or "" when there is none (fail closed)."""
-    inside = {n.name for n in region}
-    for node in region:
-        for a in node.all_input_nodes:
-            shape = _shape(a)
-            if a.name in inside or a.name in known or a.name in rope or not shape or _is_parameter(a):
-                continue
-            if any(size in n_tokens for size in shape[1:]):
-                return f"input {a.name} {tuple(shape)} has a token axis the symmetric rewrite does not follow"
-    return ""
 
 
 def find_points(graph: fx.Graph, site: Site) -> SymmetricPoints | str:
@@ -95,19 +109,22 @@ def find_points(graph: fx.Graph, site: Site) -> SymmetricPoints | str:
     if (_shape(x) or (0, 0))[1] not in (n_total, lay.n_visual):
         return f"projection input {_shape(x)} has no token axis of {n_total} or {lay.n_visual}"
     sdpa = next(n for n in region if is_sdpa(n))
+    features = {_shape(x)[-1], *(_shape(sdpa_arguments(sdpa)["query"]) or ())[1:2], (_shape(sdpa) or (0,))[-1]}
+    if clash := features & {n_total, lay.n_visual}:
+        return f"a token count equals a feature size ({sorted(clash)}): shape arguments could not be told apart"
     mask_arg = sdpa_arguments(sdpa)["attn_mask"]
-    rope = _rope_inputs(region, lay.n_visual)
     known = {x.name} | ({mask_arg.name} if isinstance(mask_arg, fx.Node) else set())
     after_cut = region[region.index(proj[0]):]  # what the rewrite runs on reduced tokens
-    if why := _unfollowed_input(after_cut, known, rope, (n_total, lay.n_visual)):
-        return why
+    rope = _rope_inputs(after_cut, known, lay.n_visual, n_total)
+    if isinstance(rope, str):
+        return rope
     out = [n for n in region if module_path(n) == f"{site.path}.to_out.0" and n.op == "call_function"]
     restore, axis = (out[0], 1) if out else (sdpa, 2)
     mask = sdpa_arguments(sdpa)["attn_mask"]
     if isinstance(mask, fx.Node) and (_shape(mask) or (1, 1))[-2] != 1:
         return "attention mask with a row per query"
     return SymmetricPoints(
-        cut=proj[0].name, x=x.name, x_full=_shape(x)[1] == n_total, rope=_rope_inputs(region, lay.n_visual),
+        cut=proj[0].name, x=x.name, x_full=_shape(x)[1] == n_total, rope=rope,
         mask=mask.name if isinstance(mask, fx.Node) else None, restore=restore.name, restore_axis=axis,
         restore_full=_shape(restore)[axis] == n_total,
     )
@@ -162,10 +179,10 @@ def rewrite_symmetric(
         args = (x, keep_x, ph["drop"], ph["drop_slot"], ph["count"]) if mean else (x, keep_x)
         x_r = g.call_function(tokens.merge_seq if mean else tokens.gather_seq, args)
     changed += _replace_in(x, x_r, _region_users(g, p)) + 1
-    for name in p.rope:
+    for name, axis in p.rope:
         rope = node[name]
         with g.inserting_before(node[p.cut]):
-            rope_r = g.call_function(torch.index_select, (rope, 0, ph["keep_vis"]))
+            rope_r = g.call_function(torch.index_select, (rope, axis, ph["keep_vis"]))
         changed += _replace_in(rope, rope_r, _region_users(g, p)) + 1
     if p.mask:
         mask = node[p.mask]
