@@ -12,6 +12,7 @@ from .cache import BlockCache, SkipCache
 from .config import AsymRnRConfig, ConfigError, Reduction
 from .errors import ExportError
 from .exporter import export
+from .models import prepare_model
 from .package import ExportedTransformer, load_exported
 from .runtime import AsymRnRRuntime, runtime_of
 from .schedule import Schedule, ScheduleError
@@ -30,8 +31,17 @@ __all__ = [
     "compile",
     "export",
     "load_exported",
+    "prepare",
     "runtime_of",
 ]
+
+
+def prepare(model: torch.nn.Module) -> int:
+    """Make `model` traceable as one static graph where its family needs it (Mochi's text
+    selection by data becomes a masked attention of equal output); returns the number of modules
+    changed (0 for every other family). `compile` and `export` call it; call it yourself before a
+    plain `torch.compile(model, backend="asymrnr")`."""
+    return prepare_model(model)
 
 
 def compile(model: torch.nn.Module, config: AsymRnRConfig | None = None, **compile_kwargs: Any) -> torch.nn.Module:
@@ -41,6 +51,7 @@ def compile(model: torch.nn.Module, config: AsymRnRConfig | None = None, **compi
     model also gets a hook through which the pipeline's `cache_context(...)` reaches the runtime.
     """
     config = config or AsymRnRConfig()
+    prepare(model)
     runtime = AsymRnRRuntime(config)
     pipeline_hook.attach(model, runtime)
     compile_kwargs.setdefault("dynamic", False)

@@ -34,6 +34,7 @@ from . import package
 from .backend import AsymRnRCompiled, asymrnr_backend
 from .config import AsymRnRConfig
 from .errors import ExportError
+from .models import prepare_model
 from .runtime import AsymRnRRuntime
 
 _SOURCE = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
@@ -94,6 +95,7 @@ def _check_request(model: Any, example_inputs: Any, num_steps: Any, path: Path) 
 
 def trace_generation(model: torch.nn.Module, config: AsymRnRConfig, example_inputs: dict, num_steps: int) -> Trace:
     """Run one `num_steps` generation through the backend, recording every segment variant."""
+    prepare_model(model)
     rt = AsymRnRRuntime(config)
     rt.compute_all, rt.num_steps = True, num_steps
     records: dict[str, tuple] = {}

@@ -33,7 +33,8 @@ class RefSymmetric:
     """A model's own attention processor run on the kept tokens only (one matching on the batch
     mean of the projection input), its output copied back to every token. For self-attention over
     video alone: `grid_of` gives the sequence's grid by its length; `rope_arg` names the RoPE
-    argument and `reduce_rope(rope, rows)` keeps its rows (written out per family by the caller)."""
+    argument and `reduce_rope(rope, rows)` keeps its rows (written out per family by the caller).
+    A processor returning (video, text) (Mochi's joint attention) has its video part restored."""
 
     def __init__(self, processor, ratio: float, rope_arg: str | None = None, reduce_rope=None, grid_of=None):
         self.processor, self.ratio, self.rope_arg, self.reduce_rope = processor, ratio, rope_arg, reduce_rope
@@ -53,7 +54,9 @@ class RefSymmetric:
             bound.arguments[self.rope_arg] = self.reduce_rope(bound.arguments[self.rope_arg], rows)
         out = self.processor(*bound.args, **bound.kwargs)
         self.calls += 1
-        return torch.stack([out[:, row_of[p]] for p in range(n)], dim=1)
+        video = out[0] if isinstance(out, tuple) else out
+        video = torch.stack([video[:, row_of[p]] for p in range(n)], dim=1)
+        return (video, *out[1:]) if isinstance(out, tuple) else video
 
 
 class RefSymmetricCogVideoX:

@@ -16,6 +16,6 @@ from . import (  # noqa: F401  (registers the adapters)
     skyreels_v2,
     wan,
 )
-from .adapter import ADAPTERS, ModelAdapter, UnsupportedModelError, adapter_for_classes
+from .adapter import ADAPTERS, ModelAdapter, UnsupportedModelError, adapter_for_classes, prepare_model
 
-__all__ = ["ADAPTERS", "ModelAdapter", "UnsupportedModelError", "adapter_for_classes"]
+__all__ = ["ADAPTERS", "ModelAdapter", "UnsupportedModelError", "adapter_for_classes", "prepare_model"]

@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:
     from torch import fx
 
@@ -39,6 +41,9 @@ class ModelAdapter:
     long_skips: blocks of the second half read the outputs of first-half blocks (U-ViT style long
     skip branches: HunyuanDiT, Skip-DiT models); a cached step then hands the tail the deep
     feature stored at the last full step, which it fuses with the fresh shallow skips (Skip-Cache).
+    prepare: makes a model of the family traceable as one static graph (Mochi: a masked attention
+    processor instead of diffusers' data-dependent text selection), called on the user's model
+    before compiling (`asymrnr_fx.prepare`); returns how many modules it changed.
     """
 
     family: str
@@ -54,6 +59,7 @@ class ModelAdapter:
     interleaved: bool = False
     sequence_axes: tuple[tuple[str, str], ...] = ()
     long_skips: bool = False
+    prepare: Callable[[torch.nn.Module], int] | None = None
 
     def __post_init__(self) -> None:
         if (self.graph_grid is not None) == bool(self.patch_weight and self.grid):
@@ -89,6 +95,18 @@ def register(adapter: ModelAdapter) -> ModelAdapter:
     return adapter
 
 
+def adapter_for_model(model: torch.nn.Module) -> ModelAdapter | None:
+    """The adapter of `model`'s class, None for a class no adapter names."""
+    return next((a for a in ADAPTERS.values() if isinstance(model, a.model_class)), None)
+
+
+def prepare_model(model: torch.nn.Module) -> int:
+    """Make `model` traceable as one static graph where its family needs it (the adapter's
+    `prepare`); returns the number of modules changed (0 for families that need nothing)."""
+    adapter = adapter_for_model(model)
+    return adapter.prepare(model) if adapter is not None and adapter.prepare is not None else 0
+
+
 def adapter_for_classes(classes: Iterable[type]) -> ModelAdapter:
     """The adapter whose block classes appear among `classes` (module classes seen in a graph)."""
     seen = set(classes)
@@ -101,5 +119,12 @@ def adapter_for_classes(classes: Iterable[type]) -> ModelAdapter:
     blocks = sorted({c.__name__ for c in seen if "Block" in c.__name__}) or sorted(c.__name__ for c in seen)[:8]
     raise UnsupportedModelError(
         f"asymrnr does not know this model (module classes seen: {blocks}). Supported families: "
-        f"{families}. Pass options={{'on_unsupported': 'warn'}} to run it unreduced."
+        f"{families}. Pass options={{'on_unsupported': 'warn'}} to run it unreduced.{_prepare_hint()}"
     )
+
+
+def _prepare_hint() -> str:
+    """For a graph without blocks: the families whose forward() Dynamo splits unless prepared."""
+    needing = sorted({a.family for a in ADAPTERS.values() if a.prepare is not None})
+    return (f" A {' / '.join(needing)} model must be prepared first (data-dependent shapes break its graph): "
+            f"asymrnr_fx.prepare(model) before torch.compile, or asymrnr_fx.compile(model, config)." if needing else "")

@@ -181,12 +181,12 @@ def rewrite_symmetric(
     changed += _replace_in(x, x_r, _region_users(g, p)) + 1
     for name, axis in p.rope:
         rope = node[name]
-        with g.inserting_before(node[p.cut]):
+        with _inserting_for(g, rope, node[p.cut]):
             rope_r = g.call_function(torch.index_select, (rope, axis, ph["keep_vis"]))
         changed += _replace_in(rope, rope_r, _region_users(g, p)) + 1
     if p.mask:
         mask = node[p.mask]
-        with g.inserting_before(node[p.cut]):
+        with _inserting_for(g, mask, node[p.cut]):
             mask_r = g.call_function(torch.index_select, (mask, -1, ph["keep_full"]))
         changed += _replace_in(mask, mask_r, _region_users(g, p)) + 1
     counts = {layout.n_text + layout.n_visual: lengths[0], layout.n_visual: lengths[1]}
@@ -200,6 +200,13 @@ def rewrite_symmetric(
     g.lint()
     gm.recompile()
     return changed + 1
+
+
+def _inserting_for(g: fx.Graph, source: fx.Node, cut: fx.Node):
+    """Where the reduced copy of `source` goes: before the cut, or right after `source` when the
+    block builds it past the cut (Mochi's key mask is built inside the attention)."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    return g.inserting_after(source) if order[source] > order[cut] else g.inserting_before(cut)
 
 
 def _region_users(g: fx.Graph, p: SymmetricPoints) -> set[str]:
