@@ -83,12 +83,12 @@ def _caching_legend() -> str:
             "included). Rows that failed are listed under failures and in the main table.")
 
 
-WORKLOAD_HEADERS = ["workload", "modelled on", "scale", "hidden (heads x 64)", "grid (f, h, w)", "visual + text tokens",
+WORKLOAD_HEADERS = ["workload", "modelled on", "scale", "hidden (heads x head dim)", "grid (f, h, w)", "visual + text tokens",
                     "blocks used", "steps used", "dense GFLOP/step", "attention share", "notes"]
 
 
 def workload_rows(workloads: Sequence[dict[str, Any]]) -> list[list[str]]:
-    return [[w["name"], w["real"], w["scale"], f"{w['hidden']} ({w['heads']} x 64)", "x".join(map(str, w["grid"])),
+    return [[w["name"], w["real"], w["scale"], f"{w['hidden']} ({w['heads']} x {w['hidden'] // w['heads']})", "x".join(map(str, w["grid"])),
              f"{w['visual_tokens']} + {w['text_tokens']}", w["blocks"], w["steps"], _num(w["gflop_per_step"], ".2f"),
              _num(w["attention_share"], ".0%"), "; ".join(w["notes"])] for w in workloads]
 

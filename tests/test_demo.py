@@ -7,10 +7,10 @@ import math
 import re
 
 import torch
-from asymrnr_fx.models import fixture
 from PIL import Image, ImageFont
 
 from asymrnr_fx import demo, quality
+from asymrnr_fx.models import fixture
 
 
 def test_rotated_runs_every_method_once_per_round_and_changes_who_goes_first() -> None:

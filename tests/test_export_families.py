@@ -1,5 +1,5 @@
 """Export per family beyond CogVideoX and HunyuanVideo (test_export): Wan 2.1, LTX-Video, Allegro,
-Latte, HunyuanDiT and CogVideoX 1.5, built tiny from their configs. For each, a short generation
+Latte, HunyuanDiT, CogVideoX 1.5, Mochi and HunyuanVideo 1.5 (both prepared), built tiny from their configs. For each, a short generation
 from the loaded package must equal the `asymrnr_fx.compile` path with Inductor, same config; the
 reduction (and, for Wan and HunyuanDiT, the block cache) must really have run, in the package as
 in the compiled path, and the loaded module must compile nothing."""
@@ -13,7 +13,16 @@ import pytest
 import torch
 from test_models_hunyuan_dit import inputs as hunyuan_dit_inputs
 from test_models_hunyuan_dit import tiny_hunyuan_dit
-from test_models_mochi_latte_v15 import cogvideox15_inputs, latte_inputs, tiny_cogvideox15, tiny_latte
+from test_models_mochi_latte_v15 import (
+    cogvideox15_inputs,
+    hunyuan15_inputs,
+    latte_inputs,
+    mochi_inputs,
+    tiny_cogvideox15,
+    tiny_hunyuan15,
+    tiny_latte,
+    tiny_mochi,
+)
 from test_models_wan_ltx_allegro import (
     allegro_inputs,
     ltx_inputs,
@@ -50,6 +59,8 @@ FAMILIES = [
     Family("hunyuan_dit", lambda: tiny_hunyuan_dit(num_layers=4), hunyuan_dit_inputs,
            AsymRnRConfig(**REDUCE, cache=SkipCache(interval=2, full_above=1000.0, full_below=0.0)), 4),
     Family("cogvideox15", lambda: tiny_cogvideox15(num_layers=1), cogvideox15_inputs, AsymRnRConfig(**REDUCE), 1),
+    Family("mochi", lambda: tiny_mochi(num_layers=1), mochi_inputs, AsymRnRConfig(**REDUCE), 1),
+    Family("hunyuan_video15", lambda: tiny_hunyuan15(num_layers=1), hunyuan15_inputs, AsymRnRConfig(**REDUCE), 1),
 ]
 
 

@@ -91,10 +91,10 @@ def mochi_inputs(seed: int = 1) -> dict:
             "encoder_hidden_states": torch.randn(1, 6, 16, generator=g), "encoder_attention_mask": mask}
 
 
-def tiny_hunyuan15(seed: int = 0) -> HunyuanVideo15Transformer3DModel:
+def tiny_hunyuan15(seed: int = 0, num_layers: int = 2) -> HunyuanVideo15Transformer3DModel:
     torch.manual_seed(seed)
     return HunyuanVideo15Transformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=num_layers,
         num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
         image_embed_dim=12, rope_axes_dim=(4, 6, 6), target_size=16, task_type="t2v",
     ).eval()
@@ -424,26 +424,24 @@ def test_mochi_ratio_zero_equals_baseline_and_caches_without_recompile():
 
 
 def test_unprepared_mochi_and_hunyuan15_fail_closed():
-    """Dynamo breaks the graph inside forward(): the graph with the embeddings has no block.
-    Mochi's message says how to prepare it; HunyuanVideo 1.5 reorders its text by data in
-    forward() itself, which no processor replaces."""
-    cases = ((torch.compile, tiny_mochi(), mochi_inputs()), (asymrnr_fx.compile, tiny_hunyuan15(), hunyuan15_inputs()))
-    for how, model, inputs in cases:
+    """Dynamo breaks the graph inside forward() (Mochi's processor, HunyuanVideo 1.5's forward):
+    the graph with the embeddings has no block, and the message says how to prepare the model."""
+    for model, inputs in ((tiny_mochi(), mochi_inputs()), (tiny_hunyuan15(), hunyuan15_inputs())):
         torch._dynamo.reset()
-        compiled = (torch.compile(model, backend="asymrnr", dynamic=False, options={"q_ratio": 0.5}) if how is torch.compile
-                    else asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3)))
+        compiled = torch.compile(model, backend="asymrnr", dynamic=False, options={"q_ratio": 0.5})
         with pytest.raises(Exception, match=r"asymrnr does not know this model.*asymrnr_fx.prepare\(model\)"):
             run(compiled, inputs, 900.0)
     torch._dynamo.reset()
-    compiled = asymrnr_fx.compile(tiny_hunyuan15(), cheap(q_ratio=0.5, kv_ratio=0.3, on_unsupported="warn"))
+    options = {"q_ratio": 0.5, "on_unsupported": "warn", "compiler": "aot_eager"}
+    compiled = torch.compile(tiny_hunyuan15(), backend="asymrnr", dynamic=False, options=options)
     with pytest.warns(UserWarning, match="running this graph unreduced"):
         out = run(compiled, hunyuan15_inputs(), 900.0)
     torch.testing.assert_close(out, run(tiny_hunyuan15(), hunyuan15_inputs(), 900.0), rtol=1e-5, atol=1e-5)
 
 
 def test_hunyuan15_block_graph_lacks_the_latent(capture_dynamic_output_shapes):
-    """The blocks are traced after `if torch.all(image_embeds == 0)`: their graph's sites are
-    found by the adapter, but its inputs hold neither the timestep nor the latent's grid."""
+    """Unprepared, the blocks are traced after `if torch.all(image_embeds == 0)`: their graph's
+    sites are found by the adapter, but its inputs hold neither the timestep nor the latent's grid."""
     graphs = dynamo_graphs(tiny_hunyuan15(), hunyuan15_inputs())
     blocks = [gm for gm in graphs if any(sites.is_sdpa(n) and "transformer_blocks" in sites.module_path(n) for n in gm.graph.nodes)]
     assert len(graphs) == 2 and len(blocks) == 1

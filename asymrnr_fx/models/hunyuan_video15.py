@@ -1,20 +1,129 @@
-"""HunyuanVideo 1.5: one kind of block (double-stream, `attn`) over [video, text] with text last
-and a square mask (B, 1, N, N) over padded text; the token refiner attends over text only (never
-reduced). Latent input (B, C, F, H, W), 3-D patches (Conv3d).
+"""HunyuanVideo 1.5: one kind of block (double-stream, `attn`) over [video, text] with text last;
+the token refiner attends over text only (never reduced). Latent input (B, C, F, H, W), 3-D
+patches (Conv3d).
 
-Its forward() branches on data (`if torch.all(image_embeds == 0)`) and reorders text tokens by
-boolean masks in a Python loop: Dynamo breaks the graph there, and the blocks land in a graph
-without the timestep and latent inputs (a per-block graph unless nonzero is captured), which the
-backend cannot place or grid yet: it fails closed (tests/test_models_mochi_latte_v15.py)."""
+diffusers' forward() branches on data (`if torch.all(image_embeds == 0)`) and reorders the
+condition tokens (image, ByT5, MLLM: valid ones first, padding after) by boolean indexing in a
+loop over the batch; its processor builds a square (B, 1, N, N) mask from the text mask. Dynamo
+breaks the graph at both, and the blocks land in a graph without the timestep and the latent.
+`prepare` (called by `asymrnr_fx.compile` and `export`) makes it static, with equal output:
+- `static_forward`: the branch becomes a multiplication by 0 / 1, the reorder a stable sort of
+  the tokens by validity (the same order: valid image, ByT5, MLLM, then the padding of each);
+- `KeyMaskAttnProcessor`: masks padded text as keys only and zeroes the padded text rows after
+  the attention (what diffusers' square mask gives them: SDPA returns zeros for a fully masked
+  row), so a rewrite that drops video tokens reduces the mask like the keys."""
 
 from __future__ import annotations
 
+import types
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_hunyuan_video15 import (
     HunyuanVideo15Transformer3DModel,
     HunyuanVideo15TransformerBlock,
 )
+from diffusers.utils import apply_lora_scale
 
 from .adapter import ModelAdapter, conv3d_grid, register
+
+
+def _heads(x: torch.Tensor, heads: int, norm) -> torch.Tensor:
+    """(B, N, H * D) -> (B, N, H, D), normalised per head when the module has a norm."""
+    x = x.unflatten(2, (heads, -1))
+    return norm(x) if norm is not None else x
+
+
+class KeyMaskAttnProcessor:
+    """HunyuanVideo 1.5's joint attention over [video, text] with padded text masked as keys and
+    its rows zeroed after the attention: equal to diffusers' square mask, and static."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor, image_rotary_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        text_mask = attention_mask.bool()
+        keys = torch.cat([text_mask.new_ones(text_mask.shape[0], hidden_states.shape[1]), text_mask], dim=1)[:, None, None]
+        q = _heads(attn.to_q(hidden_states), attn.heads, attn.norm_q)
+        k = _heads(attn.to_k(hidden_states), attn.heads, attn.norm_k)
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        tq = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads, attn.norm_added_q)
+        tk = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads, attn.norm_added_k)
+        tv = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        q, k, v = (torch.cat([a, b], dim=1).transpose(1, 2) for a, b in ((q, tq), (k, tk), (v, tv)))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        n_text = encoder_hidden_states.shape[1]
+        video, text = out[:, :-n_text], out[:, -n_text:] * text_mask[:, :, None].to(out.dtype)
+        return attn.to_out[1](attn.to_out[0](video)), attn.to_add_out(text)
+
+
+def condition_tokens(tokens: list[torch.Tensor], masks: list[torch.Tensor], zero_padding: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate token groups (B, Ni, D) and move each sample's valid tokens to the front, group
+    order kept (a stable sort by validity), padding after; groups marked in `zero_padding` have
+    their padded tokens zeroed. Returns (tokens, mask)."""
+    valid = torch.cat([m.bool() for m in masks], dim=1)
+    kept = [torch.where(m.bool()[..., None], t, 0) if zero else t for t, m, zero in zip(tokens, masks, zero_padding)]
+    order = torch.argsort((~valid).to(torch.int32), dim=1, stable=True)
+    joined = torch.cat(kept, dim=1)
+    return joined.gather(1, order[..., None].expand(-1, -1, joined.shape[-1])), valid.gather(1, order)
+
+
+def _conditions(model, timestep, text, text_mask, text_2, text_mask_2, image_embeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLLM, ByT5 and image condition tokens, embedded and typed as diffusers does; the image
+    tokens count (and are kept) only when `image_embeds` is not all zero (image-to-video)."""
+    text = model.context_embedder(text, timestep, text_mask)
+    text = text + model.cond_type_embed(torch.zeros_like(text[:, :, 0], dtype=torch.long))
+    text_2 = model.context_embedder_2(text_2)
+    text_2 = text_2 + model.cond_type_embed(torch.ones_like(text_2[:, :, 0], dtype=torch.long))
+    image = model.image_embedder(image_embeds)
+    with_image = (image_embeds != 0).any()
+    image = image * with_image.to(image.dtype)
+    image = image + model.cond_type_embed(2 * torch.ones_like(image[:, :, 0], dtype=torch.long))
+    image_mask = with_image.expand(image.shape[0], image.shape[1])
+    return condition_tokens([image, text_2, text], [image_mask, text_mask_2, text_mask], [False, True, True])
+
+
+@apply_lora_scale("attention_kwargs")
+def static_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                   encoder_attention_mask: torch.Tensor, timestep_r: torch.Tensor | None = None,
+                   encoder_hidden_states_2: torch.Tensor | None = None, encoder_attention_mask_2: torch.Tensor | None = None,
+                   image_embeds: torch.Tensor | None = None, attention_kwargs: dict | None = None, return_dict: bool = True):
+    """diffusers' HunyuanVideo15Transformer3DModel.forward (inference) without data-dependent
+    control flow or shapes: same arguments, same output."""
+    batch, _, frames, height, width = hidden_states.shape
+    pt, p = self.config.patch_size_t, self.config.patch_size
+    rope = self.rope(hidden_states)
+    temb = self.time_embed(timestep, timestep_r=timestep_r)
+    hidden_states = self.x_embedder(hidden_states)
+    text, mask = _conditions(self, timestep, encoder_hidden_states, encoder_attention_mask,
+                             encoder_hidden_states_2, encoder_attention_mask_2, image_embeds)
+    for block in self.transformer_blocks:
+        hidden_states, text = block(hidden_states, text, temb, mask, rope)
+    out = self.proj_out(self.norm_out(hidden_states, temb))
+    out = out.reshape(batch, frames // pt, height // p, width // p, -1, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    out = out.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+    return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def install_static_forward(model: HunyuanVideo15Transformer3DModel) -> int:
+    """Give `model` the static forward and every block the key-mask processor; returns how many
+    modules changed (0 when already prepared)."""
+    if model.training and model.gradient_checkpointing:
+        raise ValueError("asymrnr prepares HunyuanVideo 1.5 for inference: disable gradient checkpointing first.")
+    count = 0
+    if getattr(model.forward, "__func__", None) is not static_forward:
+        model.forward = types.MethodType(static_forward, model)
+        count += 1
+    for block in model.transformer_blocks:
+        if not isinstance(block.attn.processor, KeyMaskAttnProcessor):
+            block.attn.processor = KeyMaskAttnProcessor()
+            count += 1
+    return count
+
 
 HUNYUAN_VIDEO15 = register(
     ModelAdapter(
@@ -25,5 +134,6 @@ HUNYUAN_VIDEO15 = register(
         text_first=False,
         patch_weight="x_embedder.proj.weight",
         grid=conv3d_grid,
+        prepare=install_static_forward,
     )
 )
