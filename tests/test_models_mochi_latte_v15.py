@@ -1,7 +1,7 @@
 """Issue 11 families, built tiny from their configs: CogVideoX 1.5 (temporal patches), Latte
-(interleaved spatial / temporal blocks), Mochi and HunyuanVideo 1.5 (data-dependent text
-selection in forward(), which Dynamo cannot keep in one static graph). Cheap inner compiler
-except one Inductor test."""
+(interleaved spatial / temporal blocks), and Mochi and HunyuanVideo 1.5 unprepared (data-dependent
+text selection, which Dynamo cannot keep in one static graph: they fail closed; prepared, they are
+tested in tests/test_models_prepared.py). Cheap inner compiler except one Inductor test."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import run
 from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel, MochiTransformer3DModel
-from diffusers.models.attention_processor import MochiAttnProcessor2_0
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15Transformer3DModel
 from test_reference import reference_attention, reference_self_attention
 from test_symmetric import RefSymmetric, RefSymmetricCogVideoX
@@ -329,7 +328,7 @@ def test_latte_inductor_end_to_end():
     assert compiled.asymrnr.rewrites["sites_reduced"] == 4 and compiled.asymrnr.stats["compiles"] >= 2  # spatial and temporal
 
 
-# ---- Mochi and HunyuanVideo 1.5 -----------------------------------------------------------------
+# ---- Mochi and HunyuanVideo 1.5, unprepared -----------------------------------------------------
 @pytest.fixture
 def capture_dynamic_output_shapes():
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
@@ -344,83 +343,6 @@ def test_unprepared_mochi_text_selection_keeps_its_sites_dense(capture_dynamic_o
     assert n_blocks == 2 and [s.path for s in found] == ["time_embed.pooler", "transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     assert found[0].reason == "not inside a transformer block"
     assert all("depends on the data" in s.reason for s in found[1:])
-
-
-def mochi_batch2_inputs(seed: int = 1) -> dict:
-    """Two prompts of different lengths (4 and 2 valid text tokens of 6, valid first, as the
-    pipeline's tokenizer pads)."""
-    x = mochi_inputs(seed)
-    mask = torch.zeros(2, 6)
-    mask[0, :4], mask[1, :2] = 1, 1
-    g = torch.Generator().manual_seed(seed + 5)
-    return {"hidden_states": torch.cat([x["hidden_states"], torch.randn(x["hidden_states"].shape, generator=g)]),
-            "encoder_hidden_states": torch.randn(2, 6, 16, generator=g), "encoder_attention_mask": mask}
-
-
-def test_prepared_mochi_attention_equals_diffusers_in_one_static_graph():
-    """The masked processor gives diffusers' output (per-sample text selection) on both samples,
-    the last block's text-free output projection included, and Dynamo traces one graph."""
-    model, inputs = tiny_mochi(), mochi_batch2_inputs()
-    want = run(model, inputs, 900.0)
-    assert asymrnr_fx.prepare(model) == 2 and asymrnr_fx.prepare(model) == 0
-    torch.testing.assert_close(run(model, inputs, 900.0), want, rtol=1e-5, atol=1e-5)
-    assert len(dynamo_graphs(model, inputs)) == 1
-    torch._dynamo.reset()
-    options = {"compiler": "aot_eager", "q_ratio": 0.0, "kv_ratio": 0.0}
-    full = torch.compile(model, backend="asymrnr", fullgraph=True, dynamic=False, options=options)
-    torch.testing.assert_close(run(full, inputs, 900.0), want, rtol=1e-5, atol=1e-5)
-
-
-def test_mochi_sites_found_and_reduced_with_the_text_mask():
-    compiled = asymrnr_fx.compile(tiny_mochi(), cheap(q_ratio=0.5, kv_ratio=0.3))
-    run(compiled, mochi_inputs(), 900.0)
-    info = compiled.asymrnr.info
-    assert info.grid == (3, 8, 8) and reasons(info) == ["not inside a transformer block", "", ""]
-    assert [s.layout for s in info.sites[1:]] == [asymrnr_fx.tokens.Layout(6, 192, False)] * 2
-    assert compiled.asymrnr.used_lengths[(0, 0)] == {f"transformer_blocks.{i}.attn1": (96, 134) for i in range(2)}
-
-
-@pytest.mark.parametrize("q,kv,mode", [(0.5, 0.3, "replace"), (0.4, 0.6, "mean")])
-def test_mochi_matches_reference(q, kv, mode):
-    """Batch 2 with different text masks: the mask's key axis is reduced with the keys."""
-    model, inputs = tiny_mochi(), mochi_batch2_inputs()
-    got = run(asymrnr_fx.compile(model, cheap(q_ratio=q, kv_ratio=kv, reduce_mode=mode, split="fixed")), inputs, 900.0)
-    with reference_attention(192 + 6, 6, False, (3, 8, 8), q, kv, "euclidean", mode) as calls:
-        want = run(model, inputs, 900.0)  # the model was prepared by compile: masked attention
-    assert len(calls) == 2
-    assert (got - run(model, inputs, 900.0)).abs().max() > 1e-3
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_mochi_symmetric_mode_matches_diffusers_attention_on_the_kept_video_tokens():
-    """Symmetric mode on the prepared model (key mask built inside the attention, after the cut)
-    against diffusers' own Mochi processor run on the kept video tokens, all text kept, batch 2."""
-    model, inputs = tiny_mochi(), mochi_batch2_inputs()
-    dense = run(model, inputs, 900.0)
-    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.5, split="fixed"))
-    got = run(compiled, inputs, 900.0)
-    rt = compiled.asymrnr
-    assert rt.rewrites["sites_reduced"] == 2 and "sites_not_symmetric" not in rt.rewrites
-    assert (got - dense).abs().max() > 1e-3
-    reduce_rope = lambda rope, rows: tuple(e[rows] for e in rope)  # (cos, sin), each (N, heads, D / 2)
-    refs = [RefSymmetric(MochiAttnProcessor2_0(), 0.5, "image_rotary_emb", reduce_rope) for _ in range(2)]
-    for block, ref in zip(model.transformer_blocks, refs):
-        block.attn1.processor = ref
-    want = run(model, inputs, 900.0)
-    assert [r.calls for r in refs] == [1, 1]
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_mochi_ratio_zero_equals_baseline_and_caches_without_recompile():
-    model, inputs = tiny_mochi(), mochi_inputs()
-    dense = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0))
-    for got, want in zip(generate(dense, inputs), baseline(model, inputs)):
-        assert torch.equal(got, want)
-    torch._dynamo.reset()
-    cached = asymrnr_fx.compile(tiny_mochi(num_layers=4), cheap(q_ratio=0.5, kv_ratio=0.3, cache=BlockCache(threshold=0.3, full_last=0)))
-    generate(cached, inputs)
-    rt = cached.asymrnr
-    assert rt.step == 3 and rt.stats["cache_hits"] > 0 and (1, 3) in rt.cache_log.values() and rt.stats["matchings"] > 0
 
 
 def test_unprepared_mochi_and_hunyuan15_fail_closed():

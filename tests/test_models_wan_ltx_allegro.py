@@ -129,6 +129,14 @@ def _per_token(t: float, inputs: dict) -> torch.Tensor:
     return torch.full((inputs["hidden_states"].shape[0], N_VISUAL), t)
 
 
+def _conditioned_first_frame(t: float, inputs: dict) -> torch.Tensor:
+    """LTX-Video image-to-video (LTXImageToVideoPipeline): t * (1 - conditioning mask) per token,
+    (B, N), the first frame's tokens clean (timestep 0), the others at t."""
+    per_token = torch.full((inputs["hidden_states"].shape[0], N_VISUAL), t)
+    per_token[:, : N_VISUAL // 3] = 0.0
+    return per_token
+
+
 def _per_frame(t: float, inputs: dict) -> torch.Tensor:
     """SkyReels-V2 diffusion forcing: later frames noisier, (B, F) with several values."""
     return torch.tensor([[t, t + 25.0, t + 50.0]]).expand(inputs["hidden_states"].shape[0], -1)
@@ -149,11 +157,12 @@ FAMILIES = [
     Family("wan22_ti2v_5b", tiny_wan22_5b, lambda: wan_inputs(channels=48), _per_token, 1),
     Family("skyreels_v2_df", tiny_skyreels, skyreels_inputs, _per_frame, 1),
     Family("ltx_video", tiny_ltx, ltx_inputs, _per_sample, 1),
+    Family("ltx_video_i2v", tiny_ltx, ltx_inputs, _conditioned_first_frame, 1),
     Family("allegro", tiny_allegro, allegro_inputs, _per_sample, 1),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 ADAPTER_FAMILY = {"wan21_t2v": "wan", "wan21_i2v": "wan", "wan22_ti2v_5b": "wan", "skyreels_v2_df": "skyreels_v2",
-                  "ltx_video": "ltx_video", "allegro": "allegro"}
+                  "ltx_video": "ltx_video", "ltx_video_i2v": "ltx_video", "allegro": "allegro"}
 each_family = pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])
 
 
@@ -261,6 +270,22 @@ def test_block_cache_skips_blocks_without_recompiles(fam, q, kv):
     assert (rt.stats["matchings"] > 0) == (q > 0)
     dense = generate(torch.compile(fam.build(num_layers=4), backend="aot_eager"), fam, fam.inputs(), CACHE_STEPS)
     assert (outs[-1] - dense[-1]).abs().max() > 1e-5  # cached steps really reused the span
+
+
+@each_family
+def test_magnitude_policy_calibrates_on_the_first_generation_then_skips(fam):
+    """The calibrated policy: the first generation runs dense and measures one magnitude ratio
+    per step; the next ones skip where the accumulated ratio stays under the threshold."""
+    cfg = cheap(q_ratio=0.5, kv_ratio=0.3, cache=BlockCache(policy="magnitude", threshold=0.5, full_last=0))
+    compiled = asymrnr_fx.compile(fam.build(num_layers=4), cfg)
+    rt = compiled.asymrnr
+    first = generate(compiled, fam, fam.inputs(), CACHE_STEPS)
+    assert rt.stats.get("cache_hits", 0) == 0 and all(skipped == 0 for _, skipped in rt.cache_log.values())
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = generate(compiled, fam, fam.inputs(), CACHE_STEPS)
+    assert len(rt.cache_ratios()[0]) == len(CACHE_STEPS) and rt.stats["cache_hits"] > 0
+    assert any(skipped > 0 for _, skipped in rt.cache_log.values())
+    assert (again[-1] - first[-1]).abs().max() > 1e-5  # cached steps reused the span
 
 
 # ---- unsupported models -----------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_hunyuan_video15 import (
@@ -28,12 +27,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
 from diffusers.utils import apply_lora_scale
 
 from .adapter import ModelAdapter, conv3d_grid, register
-
-
-def _heads(x: torch.Tensor, heads: int, norm) -> torch.Tensor:
-    """(B, N, H * D) -> (B, N, H, D), normalised per head when the module has a norm."""
-    x = x.unflatten(2, (heads, -1))
-    return norm(x) if norm is not None else x
+from .joint_attention import masked_joint_attention
 
 
 class KeyMaskAttnProcessor:
@@ -42,22 +36,8 @@ class KeyMaskAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor, image_rotary_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        text_mask = attention_mask.bool()
-        keys = torch.cat([text_mask.new_ones(text_mask.shape[0], hidden_states.shape[1]), text_mask], dim=1)[:, None, None]
-        q = _heads(attn.to_q(hidden_states), attn.heads, attn.norm_q)
-        k = _heads(attn.to_k(hidden_states), attn.heads, attn.norm_k)
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        tq = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads, attn.norm_added_q)
-        tk = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads, attn.norm_added_k)
-        tv = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        q, k, v = (torch.cat([a, b], dim=1).transpose(1, 2) for a, b in ((q, tq), (k, tk), (v, tv)))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
-        n_text = encoder_hidden_states.shape[1]
-        video, text = out[:, :-n_text], out[:, -n_text:] * text_mask[:, :, None].to(out.dtype)
+        rotate = None if image_rotary_emb is None else (lambda x: apply_rotary_emb(x, image_rotary_emb, sequence_dim=1))
+        video, text = masked_joint_attention(attn, hidden_states, encoder_hidden_states, attention_mask, rotate)
         return attn.to_out[1](attn.to_out[0](video)), attn.to_add_out(text)
 
 

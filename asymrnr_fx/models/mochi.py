@@ -14,11 +14,11 @@ part, this keeps them where they were."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import MochiTransformer3DModel
 from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
 
 from .adapter import Grid, ModelAdapter, register
+from .joint_attention import masked_joint_attention
 
 
 def mochi_grid(latent: tuple[int, ...], weight: tuple[int, ...]) -> Grid:
@@ -33,38 +33,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
-def _heads(x: torch.Tensor, heads: int, norm) -> torch.Tensor:
-    """(B, N, H * D) -> (B, N, H, D), normalised per head when the module has a norm."""
-    x = x.unflatten(2, (heads, -1))
-    return norm(x) if norm is not None else x
-
-
 class MochiMaskedAttnProcessor:
     """Mochi's joint attention with a static sequence: [video, all text tokens], padded text keys
-    masked, padded text rows zeroed (what diffusers' padding after the selected rows gives). The
-    text part is taken from the end of the sequence, so a rewrite that drops video tokens keeps it."""
+    masked, padded text rows zeroed (what diffusers' padding after the selected rows gives)."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor, image_rotary_emb: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        text_mask = attention_mask.bool()
-        keys = torch.cat([text_mask.new_ones(text_mask.shape[0], hidden_states.shape[1]), text_mask], dim=1)[:, None, None]
-        q = _heads(attn.to_q(hidden_states), attn.heads, attn.norm_q)
-        k = _heads(attn.to_k(hidden_states), attn.heads, attn.norm_k)
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if image_rotary_emb is not None:
-            q, k = _rotate(q, *image_rotary_emb), _rotate(k, *image_rotary_emb)
-        tq = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads, attn.norm_added_q)
-        tk = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads, attn.norm_added_k)
-        tv = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        q, k, v = (torch.cat([a, b], dim=1).transpose(1, 2) for a, b in ((q, tq), (k, tk), (v, tv)))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3)
-        n_text = encoder_hidden_states.shape[1]
-        video, text = out[:, :-n_text], out[:, -n_text:] * text_mask[:, :, None].to(out.dtype)
+        rotate = None if image_rotary_emb is None else (lambda x: _rotate(x, *image_rotary_emb))
+        video, text = masked_joint_attention(attn, hidden_states, encoder_hidden_states, attention_mask, rotate)
         video = attn.to_out[1](attn.to_out[0](video))
-        if hasattr(attn, "to_add_out"):
-            text = attn.to_add_out(text)
-        return video, text
+        return video, (attn.to_add_out(text) if hasattr(attn, "to_add_out") else text)
 
 
 def install_masked_attention(model: torch.nn.Module) -> int:
