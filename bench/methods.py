@@ -34,6 +34,7 @@ FULL = frozenset({"full"})
 NEVER: frozenset[str] = frozenset()
 DEEP = frozenset({"deep-50", "deep-skip-50"})  # the deep pair: plain and Skip-DiT (issue 10)
 FIXTURES = frozenset({"fixture", "fixture-50"}) | DEEP  # the trained models: every workload with fidelity
+WAN = frozenset({"wan2.1-1.3b"})  # random weights: caching rows there measure speed at the skips they took
 
 
 @dataclass(frozen=True)
@@ -262,12 +263,13 @@ RUNNERS: dict[str, Callable[[MethodSpec, torch.nn.Module, Workload, RunContext],
 }
 
 
-def _peer(name: str, kind: str, modes_eager: frozenset[str], modes_compiled: frozenset[str], **opts: Any):
-    """The eager and the torch.compile'd row of one peer configuration (fixture workloads only)."""
+def _peer(name: str, kind: str, modes_eager: frozenset[str], modes_compiled: frozenset[str],
+          workloads: frozenset[str] = FIXTURES, core: bool = False, **opts: Any):
+    """The eager and the torch.compile'd row of one peer configuration (fixture workloads unless told)."""
     return [
-        spec(name, kind, "peer", modes=modes_eager, workloads=FIXTURES, **opts),
-        spec(f"{name} + compile", kind, "peer", compiled=True, modes=modes_compiled, workloads=FIXTURES,
-             **opts),
+        spec(name, kind, "peer", modes=modes_eager, workloads=workloads, core=core, **opts),
+        spec(f"{name} + compile", kind, "peer", compiled=True, modes=modes_compiled, workloads=workloads,
+             core=core, **opts),
     ]
 
 
@@ -328,6 +330,21 @@ def _ours_cached() -> list[MethodSpec]:
     return out
 
 
+def _wan_caching() -> list[MethodSpec]:
+    """Caching on the scaled Wan shape: random weights, so no fidelity; the rows say what a skip
+    costs there. Ours and diffusers' FirstBlockCache apply the same rule at the same threshold
+    (relative L1 of block 0's residual), so they skip on the same steps up to rounding."""
+    ours = [("BlockCache t=0.2", BlockCache(threshold=0.2), {}),
+            ("BlockCache t=0.2 + q=0.5 kv=0.3", BlockCache(threshold=0.2), {"q": 0.5, "kv": 0.3}),
+            ("SkipCache N2-700-50", SkipCache(interval=2, full_above=700, full_below=50, blocks=1), {})]
+    return [
+        *[spec(f"asymrnr {label}", "asymrnr", "ours", compiled=True, modes=FULL, workloads=WAN, core=True,
+               cache=cache, **ratios) for label, cache, ratios in ours],
+        *_peer("diffusers FirstBlockCache t=0.2", "diffusers", FULL, FULL, workloads=WAN, core=True,
+               config="FirstBlockCacheConfig", params={"threshold": 0.2}),
+    ]
+
+
 TAYLORSEER_ATTN1 = {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1,
                     "taylor_factors_dtype": torch.float32, "cache_identifiers": [r"^transformer_blocks.*attn1"]}
 
@@ -355,6 +372,8 @@ METHODS: list[MethodSpec] = [
          match_flops_of=(0.5, 0.5)),
     # ours with feature caching (trained fixture only, as the peers: skip decisions need trained weights)
     *_ours_cached(),
+    # the scaled Wan shape: caching speed at the skips taken on random weights
+    *_wan_caching(),
     # peers (trained fixture only: their skip decisions mean nothing on random weights)
     *_fbc(0.05, FULL, FULL),
     *_fbc(0.1, FULL, FULL),

@@ -252,3 +252,26 @@ def test_recompiles_count_a_methods_own_frames_only(monkeypatch):
     with tally.watch():
         pass
     assert tally.recompiles == 1 and tally.reasons == ["0/0: tensor 'x' size mismatch"]
+
+
+def test_wan_caching_rows_run_and_only_the_peer_breaks_the_graph():
+    """The scaled Wan shape's caching rows (3 blocks, 4 steps, aot_eager): every row runs; ours
+    keep one graph, diffusers' FirstBlockCache breaks it at its cache decision."""
+    from bench.flops import count_call
+    from bench.methods import METHODS, WAN, RunContext
+    from bench.run import run_methods
+    from bench.workloads import SCALED, scaled_workload
+
+    wl = scaled_workload(SCALED["wan2.1-1.3b"], (3,), 4, "cpu", torch.float32)
+    specs = [s for s in METHODS if s.workloads == WAN]
+    call = count_call(wl.model, lambda: wl.example_call(wl.model))
+    ran, _ = run_methods(specs, wl, RunContext("aot_eager", "cpu"), call, reps=1)
+    rows = {r.method: r for r, _ in ran}
+    assert len(rows) == 5 and all(r.ok for r in rows.values()), {m: r.status for m, r in rows.items()}
+    ours = [r for r in rows.values() if r.family == "ours"]
+    assert all(r.graph_breaks == 0 and r.recompiles == 0 for r in ours)
+    assert rows["diffusers FirstBlockCache t=0.2 + compile"].graph_breaks > 0
+    # t = 999, 749, 500, 250: step 2 is the only one between the bands and not the last: its first
+    # and last block run on the cached middle
+    skip = rows["asymrnr SkipCache N2-700-50"]
+    assert skip.blocks_per_step == [3, 3, 2, 3] and skip.cache_hits == 2  # warm-up and timed generation

@@ -58,11 +58,12 @@ def cogvideox15_inputs(seed: int = 1) -> dict:
     }
 
 
-def tiny_latte(num_layers: int = 2, seed: int = 0) -> LatteTransformer3DModel:
+def tiny_latte(num_layers: int = 2, seed: int = 0, head_dim: int = 8) -> LatteTransformer3DModel:
+    """Two heads of `head_dim`; at 8 the inner width 16 equals the spatial token count (4 x 4)."""
     torch.manual_seed(seed)
     return LatteTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
-        cross_attention_dim=16, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
+        num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=2 * head_dim, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         caption_channels=16, video_length=4,
     ).eval()
@@ -273,21 +274,10 @@ def test_latte_cache_with_no_whole_layer_to_skip_is_a_clear_error():
         run(compiled, latte_inputs(), 900.0)
 
 
-def tiny_latte_wide(num_layers: int = 2, seed: int = 0) -> LatteTransformer3DModel:
-    """tiny_latte with head dim 12: its inner width 24 differs from every token count (16, 4)."""
-    torch.manual_seed(seed)
-    return LatteTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=num_layers,
-        cross_attention_dim=24, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-        caption_channels=16, video_length=4,
-    ).eval()
-
-
 def test_latte_symmetric_mode_reduces_per_frame_and_per_position_as_the_reference():
     """Spatial sequences (one per frame) and temporal ones (one per position) each share one
     matching over their batch of sequences, on their own grid."""
-    model, inputs = tiny_latte_wide(), latte_inputs()
+    model, inputs = tiny_latte(head_dim=12), latte_inputs()  # inner width 24: no token count (16, 4) equals it
     compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.5, split="fixed"))
     got = run(compiled, inputs, 900.0)
     rt = compiled.asymrnr
