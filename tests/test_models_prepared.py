@@ -35,15 +35,16 @@ from asymrnr_fx.exporter import trace_generation
 from asymrnr_fx.models.hunyuan_video15 import condition_tokens
 
 
-def _batch2(one: dict, text: dict[str, tuple[int, list[int]]], image: bool = False) -> dict:
+def _batch2(one: dict, text: dict[str, tuple[int, list[int | tuple[int, ...]]]], image: bool = False) -> dict:
     """Batch 2 from a one-sample input: a second latent and text, each text mask valid on its
-    first k tokens (k per sample, as the pipelines' tokenizers pad); `image`: image embeddings."""
+    first k tokens (k per sample, as the pipelines' tokenizers pad) or on the given positions;
+    `image`: image embeddings."""
     g = torch.Generator().manual_seed(7)
     out = {"hidden_states": torch.cat([one["hidden_states"], torch.randn(one["hidden_states"].shape, generator=g)])}
     for name, (width, valid) in text.items():
         mask = torch.zeros(2, len(one[name.replace("hidden_states", "attention_mask")][0]))
         for i, k in enumerate(valid):
-            mask[i, :k] = 1
+            mask[i, list(k) if isinstance(k, tuple) else slice(k)] = 1
         out[name] = torch.randn(2, mask.shape[1], width, generator=g)
         out[name.replace("hidden_states", "attention_mask")] = mask
     if "image_embeds" in one:
@@ -96,6 +97,18 @@ def test_prepared_model_equals_diffusers_in_one_static_graph(fam, image):
     torch.testing.assert_close(run(model, inputs, 900.0), want, rtol=1e-5, atol=1e-5)
     assert len(dynamo_graphs(model, inputs)) == 1
     torch._dynamo.reset()
+    options = {"compiler": "aot_eager", "q_ratio": 0.0, "kv_ratio": 0.0}
+    full = torch.compile(model, backend="asymrnr", fullgraph=True, dynamic=False, options=options)
+    torch.testing.assert_close(run(full, inputs, 900.0), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mochi_equals_diffusers_for_text_masks_with_gaps():
+    """diffusers packs the valid text rows first whatever the mask; the prepared attention too."""
+    model = tiny_mochi()
+    inputs = _batch2(mochi_inputs(), {"encoder_hidden_states": (16, [(0, 2, 5), (1, 4)])})
+    want = run(model, inputs, 900.0)
+    asymrnr_fx.prepare(model)
+    torch.testing.assert_close(run(model, inputs, 900.0), want, rtol=1e-5, atol=1e-5)
     options = {"compiler": "aot_eager", "q_ratio": 0.0, "kv_ratio": 0.0}
     full = torch.compile(model, backend="asymrnr", fullgraph=True, dynamic=False, options=options)
     torch.testing.assert_close(run(full, inputs, 900.0), want, rtol=1e-5, atol=1e-5)

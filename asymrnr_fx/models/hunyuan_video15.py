@@ -27,7 +27,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import (
 from diffusers.utils import apply_lora_scale
 
 from .adapter import ModelAdapter, conv3d_grid, register
-from .joint_attention import masked_joint_attention
+from .joint_attention import masked_joint_attention, take_rows, valid_first
 
 
 class KeyMaskAttnProcessor:
@@ -47,9 +47,8 @@ def condition_tokens(tokens: list[torch.Tensor], masks: list[torch.Tensor], zero
     their padded tokens zeroed. Returns (tokens, mask)."""
     valid = torch.cat([m.bool() for m in masks], dim=1)
     kept = [torch.where(m.bool()[..., None], t, 0) if zero else t for t, m, zero in zip(tokens, masks, zero_padding)]
-    order = torch.argsort((~valid).to(torch.int32), dim=1, stable=True)
-    joined = torch.cat(kept, dim=1)
-    return joined.gather(1, order[..., None].expand(-1, -1, joined.shape[-1])), valid.gather(1, order)
+    order = valid_first(valid)
+    return take_rows(torch.cat(kept, dim=1), order), valid.gather(1, order)
 
 
 def _conditions(model, timestep, text, text_mask, text_2, text_mask_2, image_embeds) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,17 @@ def heads(x: torch.Tensor, n_heads: int, norm) -> torch.Tensor:
     return norm(x) if norm is not None else x
 
 
+def valid_first(valid: torch.Tensor) -> torch.Tensor:
+    """Per sample, the order (B, N) that puts the valid positions of `valid` (B, N) first, each
+    part in its own order (a stable sort): static-shape packing in place of boolean selection."""
+    return torch.argsort((~valid.bool()).to(torch.int32), dim=1, stable=True)
+
+
+def take_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows of x (B, N, C) in `order` (B, N)."""
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def masked_joint_attention(attn, video: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                            rotate: Rotate | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention outputs (B, Nv, H * D) and (B, Nt, H * D) before the output projections."""

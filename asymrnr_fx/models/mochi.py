@@ -7,9 +7,10 @@ per sample) before the attention, so the sequence length depends on the data and
 the graph there. `MochiMaskedAttnProcessor` computes the same attention over the whole sequence
 with the padded text keys masked out and the padded text rows zeroed, which is static:
 `asymrnr_fx.compile` installs it (`prepare` for a plain `torch.compile`). Equal to diffusers'
-output (to float precision) for masks whose valid text tokens come first, as MochiPipeline's
-tokenizer pads; diffusers packs the valid tokens of any other mask to the front of the text
-part, this keeps them where they were."""
+output (to float precision) for any text mask: diffusers returns the attention rows of the valid
+text tokens packed to the front of the text part, zeros after, and this packs them the same way
+with a stable sort by validity (the identity for the prefix masks MochiPipeline's tokenizer
+gives)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from diffusers import MochiTransformer3DModel
 from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
 
 from .adapter import Grid, ModelAdapter, register
-from .joint_attention import masked_joint_attention
+from .joint_attention import masked_joint_attention, take_rows, valid_first
 
 
 def mochi_grid(latent: tuple[int, ...], weight: tuple[int, ...]) -> Grid:
@@ -35,13 +36,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class MochiMaskedAttnProcessor:
     """Mochi's joint attention with a static sequence: [video, all text tokens], padded text keys
-    masked, padded text rows zeroed (what diffusers' padding after the selected rows gives)."""
+    masked, padded text rows zeroed and the valid ones packed first (what diffusers' padding after
+    the selected rows gives)."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor, image_rotary_emb: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rotate = None if image_rotary_emb is None else (lambda x: _rotate(x, *image_rotary_emb))
         video, text = masked_joint_attention(attn, hidden_states, encoder_hidden_states, attention_mask, rotate)
         video = attn.to_out[1](attn.to_out[0](video))
+        text = take_rows(text, valid_first(attention_mask))
         return video, (attn.to_add_out(text) if hasattr(attn, "to_add_out") else text)
 
 
