@@ -40,12 +40,13 @@ def baseline(model, inputs, timesteps=STEPS) -> list[torch.Tensor]:
 
 
 # ---- tiny models --------------------------------------------------------------------------------
-def tiny_cogvideox15(num_layers: int = 2, seed: int = 0) -> CogVideoXTransformer3DModel:
+def tiny_cogvideox15(num_layers: int = 2, seed: int = 0, patch: tuple[int, int] = (2, 2)) -> CogVideoXTransformer3DModel:
+    """`patch`: (patch_size, patch_size_t)."""
     torch.manual_seed(seed)
     return CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
         text_embed_dim=16, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9,
-        patch_size=2, patch_size_t=2, max_text_seq_length=4, use_rotary_positional_embeddings=True,
+        patch_size=patch[0], patch_size_t=patch[1], max_text_seq_length=4, use_rotary_positional_embeddings=True,
     ).eval()
 
 
@@ -127,13 +128,16 @@ def reasons(info) -> list[str]:
 
 
 # ---- CogVideoX 1.5 ------------------------------------------------------------------------------
-def test_cogvideox15_sites_follow_the_temporal_patches():
-    compiled = asymrnr_fx.compile(tiny_cogvideox15(), cheap(q_ratio=0.5, kv_ratio=0.3))
+@pytest.mark.parametrize("patch,grid", [((2, 2), (2, 8, 8)), ((1, 4), (1, 16, 16))], ids=["p2-pt2", "p1-pt4"])
+def test_cogvideox15_sites_follow_the_temporal_patches(patch, grid):
+    """4 latent frames of 16 x 16. Patches (p 1, pt 4) hold as many values as (p 2, pt 1): the
+    grid comes from the graph's patch reshape, not the weight's size."""
+    compiled = asymrnr_fx.compile(tiny_cogvideox15(patch=patch), cheap(q_ratio=0.5, kv_ratio=0.3))
     run(compiled, cogvideox15_inputs(), 900.0)
     info = compiled.asymrnr.info
-    assert info.grid == (2, 8, 8)  # 4 latent frames / patch_size_t 2
+    assert info.grid == grid
     assert reasons(info) == ["", ""]
-    assert [s.layout for s in info.sites] == [asymrnr_fx.tokens.Layout(4, 128, True)] * 2
+    assert [s.layout for s in info.sites] == [asymrnr_fx.tokens.Layout(4, grid[0] * grid[1] * grid[2], True)] * 2
     assert compiled.asymrnr.rewrites["sites_reduced"] == 2
 
 

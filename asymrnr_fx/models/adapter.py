@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,8 @@ class ModelAdapter:
     patch_weight: module path of the patch embedding weight; grid(latent_shape, weight_shape).
     graph_grid: instead of the two above, grid(graph) read from the traced graph itself, for
     families whose forward() takes the grid as Python ints, which Dynamo bakes into the graph
-    (LTX-Video: packed tokens (B, N, C) plus num_frames / height / width).
+    (LTX-Video: packed tokens (B, N, C) plus num_frames / height / width), or whose patch weight
+    does not determine it (CogVideoX 1.5: a Linear over C * pt * p * p values).
     interleaved: the containers' blocks alternate in execution order (Latte: spatial 0, temporal
     0, spatial 1, ...); blocks are then numbered in that order (spatial j = 2j, temporal j = 2j + 1)
     and every container must hold the same number of blocks.
@@ -77,6 +78,14 @@ class ModelAdapter:
         """The part of the (F, H, W) grid one sequence of `container` covers; 1 on folded axes."""
         axes = self.axes(container)
         return tuple(size if axis in axes else 1 for size, axis in zip(grid, "fhw"))
+
+
+def nodes_in(gm: fx.GraphModule, module_class: type) -> Iterator[fx.Node]:
+    """The nodes of `gm` whose innermost module (Dynamo's `nn_module_stack`) is a `module_class`."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack and list(stack.values())[-1][1] is module_class:
+            yield node
 
 
 def conv3d_grid(latent: tuple[int, ...], weight: tuple[int, ...]) -> Grid:

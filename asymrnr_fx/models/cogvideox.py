@@ -1,39 +1,32 @@
 """CogVideoX 1.0 and 1.5: joint attention over [text, video] in every block, text first (226
 tokens in the released models), RoPE on the video part. Latent input (B, F, C, H, W); 2-D patches
-(1.0) or, with `patch_size_t` (1.5), spatio-temporal patches that also divide the frames."""
+(1.0) or, with `patch_size_t` (1.5), spatio-temporal patches that also divide the frames.
+
+The grid is read from the patch embedding's own reshapes in the traced graph: the 1.5 patch
+weight (a Linear over C * pt * p * p values) does not tell pt from p."""
 
 from __future__ import annotations
 
 from diffusers import CogVideoXTransformer3DModel
+from diffusers.models.embeddings import CogVideoXPatchEmbed
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+from torch import fx
 
-from .adapter import Grid, ModelAdapter, UnsupportedModelError, register
-
-
-def cogvideox_grid(latent: tuple[int, ...], weight: tuple[int, ...]) -> Grid:
-    """(B, F, C, H, W) latent and patch weight -> (F/pt, H/p, W/p).
-
-    CogVideoX 1.0: Conv2d (O, C, p, p), pt = 1. CogVideoX 1.5 (`patch_size_t`): Linear
-    (O, C * pt * p * p) over patches flattened as (pt, p, p), whose shape gives p * p * pt only:
-    p is taken as the largest spatial patch that fits (released 1.5 models: p = pt = 2).
-    """
-    _, frames, channels, height, width = latent
-    if len(weight) == 4:
-        return frames, height // weight[-2], width // weight[-1]
-    p, pt = _split_patch(weight[-1] // channels, (frames, height, width))
-    return frames // pt, height // p, width // p
+from .adapter import Grid, ModelAdapter, UnsupportedModelError, nodes_in, register
 
 
-def _split_patch(volume: int, fhw: tuple[int, int, int]) -> tuple[int, int]:
-    """(p, pt) with p * p * pt == volume, pt dividing F and p dividing H and W; largest p first."""
-    frames, height, width = fhw
-    for p in range(int(volume**0.5), 0, -1):
-        pt, rest = divmod(volume, p * p)
-        if not rest and not frames % pt and not height % p and not width % p:
-            return p, pt
-    raise UnsupportedModelError(
-        f"CogVideoX: patches of {volume} latent pixels per channel do not tile the latent grid {fhw}."
-    )
+def cogvideox_grid(gm: fx.GraphModule) -> Grid:
+    """(F/pt, H/p, W/p). 1.0 views the Conv2d output as (B, F, C', H/p, W/p); 1.5 splits the
+    latent into patches as (B, F/pt, pt, H/p, p, W/p, p, C)."""
+    for node in nodes_in(gm, CogVideoXPatchEmbed):
+        if node.op != "call_method" or node.target not in ("view", "reshape"):
+            continue
+        shape = tuple(int(s) for s in node.meta["example_value"].shape)
+        if len(shape) == 5:
+            return shape[1], shape[3], shape[4]
+        if len(shape) == 8:
+            return shape[1], shape[3], shape[5]
+    raise UnsupportedModelError("cogvideox: no patch grid in the traced patch embedding (a diffusers version this adapter does not know?).")
 
 
 COGVIDEOX = register(
@@ -43,7 +36,6 @@ COGVIDEOX = register(
         block_containers=(("transformer_blocks", CogVideoXBlock),),
         self_attention=("attn1",),
         text_first=True,
-        patch_weight="patch_embed.proj.weight",
-        grid=cogvideox_grid,
+        graph_grid=cogvideox_grid,
     )
 )

@@ -10,20 +10,15 @@ from diffusers import LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import LTXVideoRotaryPosEmbed, LTXVideoTransformerBlock
 from torch import fx
 
-from .adapter import Grid, ModelAdapter, UnsupportedModelError, register
-
-
-def _in_rope(node: fx.Node) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    return bool(stack) and list(stack.values())[-1][1] is LTXVideoRotaryPosEmbed
+from .adapter import Grid, ModelAdapter, UnsupportedModelError, nodes_in, register
 
 
 def ltx_grid(gm: fx.GraphModule) -> Grid:
     """(F, H, W): the shape of each coordinate of the RoPE's meshgrid(arange(F), arange(H),
     arange(W)). Absent when the caller passes `video_coords` (the condition pipeline, whose
     tokens need not form one grid): then the model is not supported (fail closed)."""
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.meshgrid and _in_rope(node):
+    for node in nodes_in(gm, LTXVideoRotaryPosEmbed):
+        if node.op == "call_function" and node.target is torch.meshgrid:
             frames, height, width = node.meta["example_value"][0].shape
             return int(frames), int(height), int(width)
     raise UnsupportedModelError(
