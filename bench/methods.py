@@ -333,8 +333,10 @@ def _ours_cached() -> list[MethodSpec]:
 def _wan_caching() -> list[MethodSpec]:
     """Caching on the scaled Wan shape: random weights, so no fidelity; the rows say what a skip
     costs there. Ours and diffusers' FirstBlockCache apply the same rule at the same threshold
-    (relative L1 of block 0's residual), so they skip on the same steps up to rounding."""
+    (relative L1 of block 0's residual), so they skip on the same steps up to rounding; ours also
+    computes the last step in full unless `full_last=0` (FirstBlockCache has no such rule)."""
     ours = [("BlockCache t=0.2", BlockCache(threshold=0.2), {}),
+            ("BlockCache t=0.2 full_last=0", BlockCache(threshold=0.2, full_last=0), {}),
             ("BlockCache t=0.2 + q=0.5 kv=0.3", BlockCache(threshold=0.2), {"q": 0.5, "kv": 0.3}),
             ("SkipCache N2-700-50", SkipCache(interval=2, full_above=700, full_below=50, blocks=1), {})]
     return [

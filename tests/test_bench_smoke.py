@@ -267,7 +267,7 @@ def test_wan_caching_rows_run_and_only_the_peer_breaks_the_graph():
     call = count_call(wl.model, lambda: wl.example_call(wl.model))
     ran, _ = run_methods(specs, wl, RunContext("aot_eager", "cpu"), call, reps=1)
     rows = {r.method: r for r, _ in ran}
-    assert len(rows) == 5 and all(r.ok for r in rows.values()), {m: r.status for m, r in rows.items()}
+    assert len(rows) == 6 and all(r.ok for r in rows.values()), {m: r.status for m, r in rows.items()}
     ours = [r for r in rows.values() if r.family == "ours"]
     assert all(r.graph_breaks == 0 and r.recompiles == 0 for r in ours)
     assert rows["diffusers FirstBlockCache t=0.2 + compile"].graph_breaks > 0
