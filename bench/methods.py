@@ -13,6 +13,7 @@ import ast
 import contextlib
 import copy
 import io
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -195,6 +196,15 @@ def printed_mag_ratios(text: str, steps: int) -> list[float]:
     raise RuntimeError("MagCache calibration printed no ratios (has diffusers changed how it reports them?).")
 
 
+def module_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model`'s modules (peers patch them in place) that shares its parameters and
+    buffers: one set of weights in memory however many methods run (the scaled Wan shape holds
+    5.6 GB of them)."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+
 def mag_ratios(model: torch.nn.Module, wl: Workload) -> list[float]:
     """MagCache calibration: one generation of a copy of the eager model with `calibrate=True`
     (nothing skipped), on the workload's calibration prompt; once per workload."""
@@ -203,7 +213,7 @@ def mag_ratios(model: torch.nn.Module, wl: Workload) -> list[float]:
 
         if wl.calibrate is None:
             raise ValueError(f"workload {wl.name} has no calibration generation for MagCache.")
-        probe = copy.deepcopy(model)
+        probe = module_copy(model)
         probe.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=wl.steps))
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed), torch.no_grad():
@@ -330,11 +340,18 @@ def _ours_cached() -> list[MethodSpec]:
     return out
 
 
+TAYLORSEER_ATTN1 = {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1,
+                    "taylor_factors_dtype": torch.float32, "cache_identifiers": [r"^transformer_blocks.*attn1"]}
+PAB_SPATIAL = {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)}
+
+
 def _wan_caching() -> list[MethodSpec]:
     """Caching on the scaled Wan shape: random weights, so no fidelity; the rows say what a skip
     costs there. Ours and diffusers' FirstBlockCache apply the same rule at the same threshold
     (relative L1 of block 0's residual), so they skip on the same steps up to rounding; ours also
-    computes the last step in full unless `full_last=0` (FirstBlockCache has no such rule)."""
+    computes the last step in full unless `full_last=0` (FirstBlockCache has no such rule). The
+    other diffusers peers that apply to Wan run beside them; their decisions on random weights are
+    as arbitrary as ours, so only what a skip costs and the compile contract compare."""
     ours = [("BlockCache t=0.2", BlockCache(threshold=0.2), {}),
             ("BlockCache t=0.2 full_last=0", BlockCache(threshold=0.2, full_last=0), {}),
             ("BlockCache t=0.2 + q=0.5 kv=0.3", BlockCache(threshold=0.2), {"q": 0.5, "kv": 0.3}),
@@ -344,11 +361,19 @@ def _wan_caching() -> list[MethodSpec]:
                cache=cache, **ratios) for label, cache, ratios in ours],
         *_peer("diffusers FirstBlockCache t=0.2", "diffusers", FULL, FULL, workloads=WAN, core=True,
                config="FirstBlockCacheConfig", params={"threshold": 0.2}),
+        *_peer("diffusers SeaCache (defaults)", "diffusers", FULL, FULL, workloads=WAN, core=True,
+               config="SeaCacheConfig", note="defaults; diffusers' own Wan T2V adapter"),
+        *_peer("diffusers MagCache (calibrated)", "diffusers", FULL, FULL, workloads=WAN, core=True,
+               config="MagCacheConfig", calibrate=True,
+               note="defaults; mag_ratios from one calibrate=True eager generation from another latent"),
+        *_peer("diffusers TaylorSeer (attn1)", "diffusers", FULL, FULL, workloads=WAN, core=True,
+               config="TaylorSeerCacheConfig", params={**TAYLORSEER_ATTN1, "cache_identifiers": [r"^blocks.*attn1"]},
+               note="the fixture row's values on Wan's self-attention (the default identifiers match no Wan module)"),
+        *_peer("diffusers PyramidAttentionBroadcast", "diffusers", FULL, FULL, workloads=WAN, core=True,
+               config="PyramidAttentionBroadcastConfig", params=PAB_SPATIAL),
     ]
 
 
-TAYLORSEER_ATTN1 = {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1,
-                    "taylor_factors_dtype": torch.float32, "cache_identifiers": [r"^transformer_blocks.*attn1"]}
 
 METHODS: list[MethodSpec] = [
     spec("eager dense", "eager", "dense", modes=ALL_MODES, core=True),
@@ -389,7 +414,7 @@ METHODS: list[MethodSpec] = [
            params={"raw_vision_callback": cogvideox_raw_vision},
            note="defaults; raw_vision_callback: the CogVideoX latents, (C, F, H, W) per sample"),
     *_peer("diffusers PyramidAttentionBroadcast", "diffusers", QUICK, FULL, config="PyramidAttentionBroadcastConfig",
-           params={"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)}),
+           params=PAB_SPATIAL),
     *_peer("diffusers FasterCache", "diffusers", QUICK, FULL, config="FasterCacheConfig",
            params={"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (-1, 681),
                    "attention_weight_callback": lambda _: 0.3, "is_guidance_distilled": True,

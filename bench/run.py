@@ -13,9 +13,7 @@ Dynamo instruments wrap each generation. Errors become the row's status."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
-import itertools
 import math
 import statistics
 import time
@@ -31,7 +29,7 @@ from asymrnr_fx import AsymRnRRuntime
 
 from .flops import CallFlops, SiteLengths, cached_call_flops, ideal_speedup, reduced_call_flops
 from .measure import CallTimer, DynamoTally, PeakMemory, per_step_median, summary, synchronize
-from .methods import RUNNERS, MethodSpec, Prepared, RunContext
+from .methods import RUNNERS, MethodSpec, Prepared, RunContext, module_copy
 from .workloads import Workload
 
 Samples = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -257,14 +255,6 @@ def new_result(spec: MethodSpec, wl: Workload, ctx: RunContext, status: str = "o
 
 def new_run(spec: MethodSpec, wl: Workload, ctx: RunContext) -> MethodRun:
     return MethodRun(spec, new_result(spec, wl, ctx), module_copy(wl.model))
-
-
-def module_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model`'s modules (peers patch them in place) that shares its parameters and
-    buffers: one set of weights in memory however many methods run (the scaled Wan shape holds
-    5.6 GB of them)."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def _record(run: MethodRun, call: CallFlops, steps: int) -> None:

@@ -234,6 +234,9 @@ def denoise(call: Call, inputs: dict, steps: int, on_step: Callable[[int], None]
     return x
 
 
+CALIBRATION_SEED = 10_000  # no timed generation uses it (they use seeds 0 .. prompts - 1)
+
+
 def _discard(_: object) -> None:
     """Random-weight outputs are not compared (speed only)."""
 
@@ -245,9 +248,12 @@ def scaled_workload(spec: ScaledSpec, blocks: tuple[int, ...], steps: int, devic
     inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
     pub = spec.published
     n_visual = spec.grid[0] * spec.grid[1] * spec.grid[2]
+    noise = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+    calibration = {**inputs, "hidden_states": noise.to(device, dtype)}  # a latent no timed generation starts from
     return Workload(
         name=spec.name, model=model, steps=steps, quality=False,
         generate=lambda call, i: _discard(denoise(call, inputs, steps)),
+        calibrate=lambda call: _discard(denoise(call, calibration, steps)),
         example_call=lambda call: call(**inputs, timestep=torch.tensor([999.0], device=device), return_dict=False),
         schedules=published_schedules(pub, blocks, steps),
         describe={"real": spec.real, "scale": spec.scale, "hidden": spec.head_dim * spec.heads, "heads": spec.heads,
@@ -258,7 +264,6 @@ def scaled_workload(spec: ScaledSpec, blocks: tuple[int, ...], steps: int, devic
 
 
 # ---- the trained fixture --------------------------------------------------------------------------
-CALIBRATION_SEED = 10_000  # no timed generation uses it (they use seeds 0 .. prompts - 1)
 
 
 def _fixture_weights() -> dict[str, Path]:
