@@ -371,6 +371,11 @@ def _wan_caching() -> list[MethodSpec]:
                note="the fixture row's values on Wan's self-attention (the default identifiers match no Wan module)"),
         *_peer("diffusers PyramidAttentionBroadcast", "diffusers", FULL, FULL, workloads=WAN, core=True,
                config="PyramidAttentionBroadcastConfig", params=PAB_SPATIAL),
+        *_peer("cache-dit DBCache F1B0 rdt=0.2", "cache_dit", FULL, FULL, workloads=WAN, core=True,
+               params={"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.2,
+                       "max_warmup_steps": 2}),
+        *_peer("ParaAttention FirstBlockCache rdt=0.2", "para_attn", FULL, FULL, workloads=WAN, core=True,
+               params={"residual_diff_threshold": 0.2}),
     ]
 
 
