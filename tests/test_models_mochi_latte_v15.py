@@ -366,3 +366,30 @@ def test_hunyuan15_block_graph_lacks_the_latent(capture_dynamic_output_shapes):
     assert all("depends on the data" in s.reason for s in found)
     with pytest.raises(asymrnr_fx.models.UnsupportedModelError, match="no input 'timestep'"):
         sites.model_info(blocks[0], HUNYUAN_VIDEO15, [])
+
+
+# ---- the calibrated ("magnitude") cache on these families -----------------------------------------
+CALIBRATED = {
+    "cogvideox15": (lambda: tiny_cogvideox15(num_layers=4), cogvideox15_inputs),
+    "latte": (lambda: tiny_latte(num_layers=3), latte_inputs),  # the span rounds to whole layers
+    "mochi": (lambda: tiny_mochi(num_layers=4), mochi_inputs),  # prepared by compile
+    "hunyuan15": (lambda: tiny_hunyuan15(num_layers=4), hunyuan15_inputs),
+}
+CALIBRATION_STEPS = [900.0 - 5 * i for i in range(6)]
+
+
+@pytest.mark.parametrize("name", CALIBRATED)
+def test_magnitude_policy_calibrates_on_the_first_generation_then_skips(name):
+    """The first generation runs dense and records one magnitude ratio per step; the next one
+    skips where the accumulated ratio stays under the threshold, with no recompile."""
+    build, make_inputs = CALIBRATED[name]
+    cfg = cheap(q_ratio=0.5, kv_ratio=0.3, cache=BlockCache(policy="magnitude", threshold=0.5, full_last=0))
+    compiled, inputs = asymrnr_fx.compile(build(), cfg), make_inputs()
+    rt = compiled.asymrnr
+    first = generate(compiled, inputs, CALIBRATION_STEPS)
+    assert rt.stats.get("cache_hits", 0) == 0 and all(skipped == 0 for _, skipped in rt.cache_log.values())
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = [run(compiled, inputs, t) for t in CALIBRATION_STEPS]
+    assert len(rt.cache_ratios()[0]) == len(CALIBRATION_STEPS) and rt.stats["cache_hits"] > 0
+    assert any(skipped > 0 for _, skipped in rt.cache_log.values()) and rt.stats["matchings"] > 0
+    assert (again[-1] - first[-1]).abs().max() > 1e-5  # cached steps reused the span

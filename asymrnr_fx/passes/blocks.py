@@ -4,7 +4,8 @@ Analysis, plus one insertion (`insert_signal`, the block cache's signal). A node
 module stack is `{container}.{j}` for a container the adapter names (global index: `sites.block_number`,
 in execution order, also where containers interleave as in Latte). Dynamo traces in program order,
 so every block is a contiguous run of nodes; the nodes between two blocks (a concatenation, or
-Latte's reshape from per-frame to per-position sequences) go with the block before them.
+Latte's reshape from per-frame to per-position sequences) go with the block before them, and
+where containers interleave, so do the layout changes right after the last block.
 """
 
 from __future__ import annotations
@@ -77,7 +78,30 @@ def find_bounds(graph: fx.Graph, adapter: ModelAdapter, offsets: dict[str, int],
     missing = sorted(set(range(num_blocks)) - set(starts))
     if missing:
         raise UnsupportedModelError(f"blocks {missing} have no node in the traced graph")
+    if adapter.interleaved and after_last is not None:
+        after_last = _after_layout_changes(graph, after_last)
     return BlockBounds(tuple(starts[i] for i in range(num_blocks)), after_last)
+
+
+_LAYOUT_OPS = frozenset({"reshape", "view", "permute", "transpose", "contiguous", "flatten", "unflatten"})
+
+
+def _is_layout_change(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _LAYOUT_OPS
+    return node.op == "call_function" and getattr(node.target, "__name__", None) in _LAYOUT_OPS
+
+
+def _after_layout_changes(graph: fx.Graph, first: str) -> str | None:
+    """The first node after the chain of layout changes that starts at node `first` and reads the
+    last block's output (Latte: per-position sequences back to per-frame ones). They go with the
+    last block, as between two blocks, so that the stream leaving it has block 0's layout."""
+    nodes = list(graph.nodes)
+    i = next(k for k, n in enumerate(nodes) if n.name == first)
+    previous = nodes[i - 1]
+    while nodes[i].op != "output" and _is_layout_change(nodes[i]) and nodes[i].args[0] is previous:
+        previous, i = nodes[i], i + 1
+    return None if nodes[i].op == "output" else nodes[i].name
 
 
 def _value(node: fx.Node) -> tuple | None:
