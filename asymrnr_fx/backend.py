@@ -10,6 +10,10 @@ of compilations is bounded by the distinct length pairs of the schedule, not by 
 Matchings are computed between segments (once per cache window, by a compiled matching shared
 by every site of one shape) from the site's query / value inputs, and passed to the compiled
 segment as inputs; the segment builds its index tensors (the plan for its lengths) itself.
+
+Where the schedule has few patterns of lengths over the steps and nothing is cached, the graph is
+not cut (`GraphReducer`): one program per pattern reduces every site, and matches them inside
+the graph on the call that opens a window; a constant schedule compiles two programs.
 """
 
 from __future__ import annotations
@@ -153,6 +157,7 @@ class _Segment:
         else:
             key, extra = chosen
             out = self._compiled(args, key, lambda: self.reducer.rewrite(self._copy(), key), extra)(*args, *extra)
+            out = self.reducer.finish(out)
         return out[0] if self.single else tuple(out)
 
 
@@ -179,8 +184,7 @@ class CompiledMatcher:
         self.rt = rt
 
     def __call__(self, x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, layout: tokens.Layout) -> tuple:
-        r = self.rt.reduction
-        constants = (layout.visual_offset, layout.n_visual, r.distance, r.max_match_elements)
+        constants = matching_constants(self.rt, layout)
         args = [x, dst, src]
         key = (MATCHING, constants, _input_signature(args), ())
         return tuple(compiled_for(self.rt, key, lambda: _matching_graph(constants), args)(*args))
@@ -199,7 +203,15 @@ def _placeholder_index(gm: fx.GraphModule, name: str) -> int:
     return [n.name for n in gm.graph.find_nodes(op="placeholder")].index(name)
 
 
-class AsymmetricReducer:
+class _Reducer:
+    """What a segment's reducer does after the call: nothing unless it returns matchings."""
+
+    def finish(self, out: Sequence[Any]) -> Sequence[Any]:
+        """The segment's outputs, less what the reducer's variant added to them."""
+        return out
+
+
+class AsymmetricReducer(_Reducer):
     """A segment that starts with a reducible attention call: queries and keys/values reduced
     by their own lengths, matched on Q and on V."""
 
@@ -234,7 +246,7 @@ class AsymmetricReducer:
         return ra.matching_inputs(v, matchings)
 
 
-class SymmetricReducer:
+class SymmetricReducer(_Reducer):
     """A segment that starts at a site's Q/K/V projections (symmetric mode): the hidden state is
     reduced before them, one matching on the batch mean."""
 
@@ -268,6 +280,77 @@ class SymmetricReducer:
         full = self.rt.plan(cached, n_keep, self.site.layout)
         vis = self.rt.plan(cached, n_keep, tokens.Layout(0, self.site.layout.n_visual, True))
         return sym.plan_inputs(full, vis, self.points, self.mean)
+
+
+MAX_GRAPH_PATTERNS = 2  # schedules with more patterns of lengths over the steps cut at their sites
+
+
+def matching_constants(rt: AsymRnRRuntime, layout: tokens.Layout) -> tuple:
+    """What `tokens.match_fields` takes after (x, dst, src) for a site of `layout`."""
+    r = rt.reduction
+    return layout.visual_offset, layout.n_visual, r.distance, r.max_match_elements
+
+
+class GraphReducer(_Reducer):
+    """Every reducible site of an uncut graph, decided together once per call (asymmetric mode).
+    The call that opens a site's matching window computes the matching inside the compiled graph
+    and returns it (one program for all sites); the calls that reuse it pass it back in. Variants:
+    one per pattern of lengths and matched sides, so a constant schedule compiles two."""
+
+    _FIELDS = ("dst", "src", "nearest", "order")  # of tokens.Matching
+
+    def __init__(self, rt: AsymRnRRuntime, reducible: list[sites.Site]):
+        self.rt, self.sites = rt, reducible
+        self.n_dst = [tokens.count_windows(s.grid, rt.config.reduction.dst_stride) for s in reducible]
+        self.mean = rt.config.reduction.reduce_mode == "mean"
+        self._due: list[tuple] = []  # (site, feature, dst, src) of the matchings this call computes
+
+    def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        parts, extra, self._due = [], [], []
+        for site, n_dst in zip(self.sites, self.n_dst):
+            nq, nkv = self.rt.site_lengths(site, n_dst)
+            self.rt.record(site, nq, nkv)
+            nv = site.layout.n_visual
+            v = ra.Variant(nq < nv, nkv < nv, self.mean)
+            parts.append((v, nq, nkv, self._site_inputs(site, v, device, extra)))
+        if all(p[0].dense for p in parts):
+            self._due = []
+            return None
+        return ("sites", tuple(parts)), extra
+
+    def _site_inputs(self, site: sites.Site, v: ra.Variant, device: torch.device, extra: list) -> frozenset[str]:
+        """Append the site's matching inputs to `extra`; the sides it matches in the graph."""
+        matched, split = set(), None
+        for side, feature, on in (("q", "q", v.reduce_q), ("kv", "v", v.reduce_kv)):
+            cached = self.rt.cached_matching(site, feature) if on else None
+            if on and cached is None:
+                split = split or self.rt.window_split(site, site.grid, device)
+                extra += split
+                self._due.append((site, feature, *split))
+                matched.add(side)
+            elif on:
+                extra += [getattr(cached.matching, f) for f in self._FIELDS]
+        return frozenset(matched)
+
+    def rewrite(self, gm: fx.GraphModule, key: Any) -> fx.GraphModule:
+        for site, (v, nq, nkv, matched) in zip(self.sites, key[1]):
+            ra.rewrite_site(gm, site.node_name, v, {"q": nq, "kv": nkv}, site.layout, self.rt.rewrites,
+                            matched, matching_constants(self.rt, site.layout))
+        return gm
+
+    def finish(self, out: Sequence[Any]) -> Sequence[Any]:
+        """Keep the matchings the call computed (cloned: under CUDA graphs an output is a buffer
+        the next replay overwrites) and return the model's outputs."""
+        n = 2 * len(self._due)
+        if n == 0:
+            return out
+        found = out[len(out) - n:]
+        for i, (site, feature, dst, src) in enumerate(self._due):
+            nearest, order = (t.clone() for t in found[2 * i : 2 * i + 2])
+            self.rt.store_matching(site, feature, tokens.Matching(dst, src, nearest, order))
+        self._due = []
+        return out[: len(out) - n]
 
 
 class AsymRnRCompiled:
@@ -341,11 +424,28 @@ def _cache_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -
     return {starts[i]: i for i in (a, b) if starts[i] is not None}, signal
 
 
+def _uncut_sites(info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> list[sites.Site] | None:
+    """The sites a `GraphReducer` reduces in the uncut graph, or None where the graph is cut at
+    its sites: `segments="sites"`, a cache (it needs block boundaries), the symmetric mode, or a
+    schedule of more than `MAX_GRAPH_PATTERNS` step patterns (each would compile the model)."""
+    schedule = rt.schedule
+    if cfg.segments != "auto" or cfg.cache is not None or schedule.symmetric or schedule.all_zero:
+        return None
+    if schedule.step_patterns > MAX_GRAPH_PATTERNS:
+        return None
+    reducible = [s for s in info.sites if s.reducible]
+    rt.active_sites = {s.path for s in reducible}
+    return reducible
+
+
 def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> fx.GraphModule:
     """Cut at reducible attention calls (and block boundaries for the cache); each piece becomes
-    a lazily compiled `_Segment`; with the cache on, the pieces are grouped around its span."""
+    a lazily compiled `_Segment`; with the cache on, the pieces are grouped around its span. A
+    graph that `_uncut_sites` keeps whole is one segment with a `GraphReducer`."""
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Dynamo's graph stays as it was
-    reducers, (block_starts, signal) = _reduction_cuts(gm, info, rt), _cache_cuts(gm, info, cfg)
+    uncut = _uncut_sites(info, cfg, rt)
+    reducers = _reduction_cuts(gm, info, rt) if uncut is None else {}
+    block_starts, signal = _cache_cuts(gm, info, cfg)
     top, names, firsts = segment.split_at(gm, [*reducers, *block_starts])
     block, part_blocks, matcher = -1, {}, CompiledMatcher(rt)  # -1: the prologue
     for k, name in enumerate(names):
@@ -353,6 +453,7 @@ def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig
         block = block_starts.get(firsts[name], found[0].block if found is not None else block)
         part_blocks[name] = block
         reducer = _reducer(sub, rt, found, matcher) if found is not None else None
+        reducer = GraphReducer(rt, uncut) if uncut is not None else reducer
         seg = _Segment(sub, rt, _activation_positions(top, name), reducer)
         if k < len(names) - 1:
             _contiguous_outputs(sub)

@@ -19,6 +19,7 @@ REDUCE_MODES = ("replace", "mean")
 SPLITS = ("random", "fixed")
 COMPILERS = ("inductor", "aot_eager", "eager")
 ON_UNSUPPORTED = ("error", "warn")
+SEGMENTS = ("auto", "sites")
 _AUTO_STEP_FIX = (
     "Use auto_step=False to set steps with runtime.set_step() or callback_on_step_end, "
     "or auto_step=True to count them from the timestep input."
@@ -131,7 +132,10 @@ REDUCTION_FIELDS = tuple(f.name for f in dataclasses.fields(Reduction))
 class AsymRnRConfig:
     """Everything `backend="asymrnr"` does to one model: the token reduction (`Reduction`), the
     feature cache (`BlockCache` / `SkipCache` / None), and how segments compile and steps are
-    tracked. The reduction's fields may be given directly, e.g. `AsymRnRConfig(q_ratio=0.3,
+    tracked. `segments`: "auto" compiles the model as one graph, all of its sites reduced, where
+    nothing is cached and the schedule has at most `backend.MAX_GRAPH_PATTERNS` patterns of
+    lengths over the steps (a constant one has one), and cuts it at every reducible site
+    otherwise; "sites" always cuts it there. The reduction's fields may be given directly, e.g. `AsymRnRConfig(q_ratio=0.3,
     kv_ratio=0.3, cache=BlockCache())`, or as `reduction=Reduction(...)` (not both)."""
 
     reduction: Reduction
@@ -141,10 +145,12 @@ class AsymRnRConfig:
     inductor_options: dict[str, Any]
     on_unsupported: str
     auto_step: bool
+    segments: str
 
     def __init__(self, reduction: Reduction | None = None, cache: BlockCache | SkipCache | None = None,
                  compiler: str = "inductor", mode: str | None = None, inductor_options: dict[str, Any] | None = None,
-                 on_unsupported: str = "error", auto_step: bool = True, **reduction_fields: Any) -> None:
+                 on_unsupported: str = "error", auto_step: bool = True, segments: str = "auto",
+                 **reduction_fields: Any) -> None:
         reject_unknown(reduction_fields, [*REDUCTION_FIELDS, *CONFIG_FIELDS])
         if reduction is not None and reduction_fields:
             raise ConfigError(
@@ -155,13 +161,14 @@ class AsymRnRConfig:
             raise ConfigError(f"reduction must be an asymrnr_fx.Reduction, got {type(reduction).__name__}.")
         values = {"reduction": reduction if reduction is not None else Reduction(**reduction_fields), "cache": cache,
                   "compiler": compiler, "mode": mode, "inductor_options": dict(inductor_options or {}),
-                  "on_unsupported": on_unsupported, "auto_step": auto_step}
+                  "on_unsupported": on_unsupported, "auto_step": auto_step, "segments": segments}
         for name, value in values.items():
             object.__setattr__(self, name, value)
         check_cache(cache)
         _check_bool("auto_step", auto_step, _AUTO_STEP_FIX)
         _check_choice("compiler", compiler, COMPILERS)
         _check_choice("on_unsupported", on_unsupported, ON_UNSUPPORTED)
+        _check_choice("segments", segments, SEGMENTS)
 
     @property
     def enabled(self) -> bool:

@@ -319,15 +319,28 @@ class AsymRnRRuntime:
         """The site's matching on `feature` for this window and context, computed once per window
         by `matcher` from `features()` (B, H, N, D), which is not called when the cached matching
         is reused."""
-        key, window, store = (site.index, feature), self.window(site.block), self.state.matchings
-        cached = store.get(key)
-        if cached is None or cached.window != window:
+        cached = self.cached_matching(site, feature)
+        if cached is None:
             with torch.no_grad():
                 x = features()
-                dst, src = (t.to(x.device) for t in self._split(site.index, grid, window))
+                dst, src = self.window_split(site, grid, x.device)
                 nearest, order = matcher(x, dst, src, layout)
-            cached = store[key] = _Cached(window, tokens.Matching(dst, src, nearest, order))
-            self.stats["matchings"] += 1
+            cached = self.store_matching(site, feature, tokens.Matching(dst, src, nearest, order))
+        return cached
+
+    def cached_matching(self, site: Any, feature: str) -> _Cached | None:
+        """The site's matching on `feature` if one was computed in this window and context."""
+        cached = self.state.matchings.get((site.index, feature))
+        return cached if cached is not None and cached.window == self.window(site.block) else None
+
+    def window_split(self, site: Any, grid: tokens.Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dst, src) of the site's matching in this window (the same for every feature)."""
+        return tuple(t.to(device) for t in self._split(site.index, grid, self.window(site.block)))
+
+    def store_matching(self, site: Any, feature: str, matching: tokens.Matching) -> _Cached:
+        """Keep `matching` as the site's matching on `feature` for this window and context."""
+        cached = self.state.matchings[(site.index, feature)] = _Cached(self.window(site.block), matching)
+        self.stats["matchings"] += 1
         return cached
 
     def plan(self, cached: _Cached, n_keep: int, layout: tokens.Layout) -> tokens.Plan:

@@ -102,6 +102,16 @@ class Schedule:
         tables = self._tables()
         return tuple(tables[0].shape) if tables else None
 
+    @property
+    def step_patterns(self) -> int:
+        """How many different columns of ratios (q, kv and h of every block) the steps use: 1 for
+        a constant schedule; an upper bound on the distinct patterns of reduced lengths."""
+        numbers = self._numbers
+        tables = [numbers[f] for f in FEATURES if isinstance(numbers[f], list)]
+        if not tables:
+            return 1
+        return len({tuple(tuple(row[step] for row in t) for t in tables) for step in range(len(tables[0][0]))})
+
     @classmethod
     def constant(cls, q: float = 0.0, kv: float = 0.0, h: float = 0.0) -> Schedule:
         return cls(q=q, kv=kv, h=h, name=f"constant(q={q}, kv={kv}, h={h})")

@@ -99,19 +99,20 @@ def prepare_compiled(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx
 # ---- ours -------------------------------------------------------------------------------------------
 def asymrnr_config(opts: dict[str, Any], wl: Workload, compiler: str) -> AsymRnRConfig:
     """Config of one of our rows: a published schedule by label, or constant ratios; with the
-    block cache of option "cache" (None: no caching)."""
-    cache = opts.get("cache")
+    block cache of option "cache" (None: no caching) and the `segments` of option "segments"."""
+    cache, segments = opts.get("cache"), opts.get("segments", "auto")
     if "schedule" in opts:
         published = wl.schedules[opts["schedule"]]
         if isinstance(published, str):
             raise FileNotFoundError(published)
         schedule, every = published
-        return AsymRnRConfig(schedule=schedule, matching_every=every, compiler=compiler, cache=cache)
+        return AsymRnRConfig(schedule=schedule, matching_every=every, compiler=compiler, cache=cache,
+                             segments=segments)
     if "match_flops_of" in opts:
         h = round(symmetric_ratio(*opts["match_flops_of"]), 4)
-        return AsymRnRConfig(q_ratio=0.0, kv_ratio=0.0, h_ratio=h, compiler=compiler, cache=cache)
+        return AsymRnRConfig(q_ratio=0.0, kv_ratio=0.0, h_ratio=h, compiler=compiler, cache=cache, segments=segments)
     return AsymRnRConfig(q_ratio=opts.get("q", 0.0), kv_ratio=opts.get("kv", 0.0), compiler=compiler,
-                         cache=cache)
+                         cache=cache, segments=segments)
 
 
 def prepare_asymrnr(spec: MethodSpec, model: torch.nn.Module, wl: Workload, ctx: RunContext) -> Prepared:
@@ -392,9 +393,12 @@ METHODS: list[MethodSpec] = [
     spec("asymrnr q=0.3 kv=0.3", "asymrnr", "ours", compiled=True, modes=QUICK, workloads=FIXTURES, q=0.3,
          kv=0.3),
     spec("asymrnr q=0.5 kv=0.5", "asymrnr", "ours", compiled=True, modes=FULL, q=0.5, kv=0.5),
-    # near-zero ratios: what the segmentation, gathers and matchings cost with almost nothing removed
+    # near-zero ratios: what the gathers and matchings cost with almost nothing removed, in the
+    # uncut graph (the default for a constant schedule) and cut at every site (as a table schedule)
     spec("asymrnr q=0.01 kv=0.01 (segmentation overhead)", "asymrnr", "ours", compiled=True, modes=FULL,
          workloads=FIXTURES, q=0.01, kv=0.01),
+    spec("asymrnr q=0.01 kv=0.01 cut at sites", "asymrnr", "ours", compiled=True, modes=FULL,
+         workloads=FIXTURES, q=0.01, kv=0.01, segments="sites"),
     spec("asymrnr q=0.7 kv=0.5", "asymrnr", "ours", compiled=True, modes=FULL, q=0.7, kv=0.5),
     spec("asymrnr q-only 0.5", "asymrnr", "ours", compiled=True, q=0.5),
     spec("asymrnr kv-only 0.5", "asymrnr", "ours", compiled=True, kv=0.5),

@@ -38,7 +38,7 @@ def test_ratio_zero_is_untouched_and_equal_to_baseline(monkeypatch):
 
 def test_reduction_rewrites_every_site_and_counts_it():
     model, inputs = tiny_cogvideox(num_layers=3), cogvideox_inputs()
-    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3))
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.3, segments="sites"))
     run(compiled, inputs, 900.0)
     rt = compiled.asymrnr
     assert rt.rewrites["sites_found"] == rt.rewrites["sites_reducible"] == rt.rewrites["sites_reduced"] == 3

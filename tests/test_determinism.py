@@ -56,7 +56,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_segment_compiled_for_one_input_dtype_is_not_reused_for_another():
     """Fast (no Inductor): the recompile for a bfloat16 timestep gets its own prologue."""
     model, inputs = tiny_hunyuan(), hunyuan_inputs()
-    compiled = asymrnr_fx.compile(model, AsymRnRConfig(compiler="eager", **CFG))
+    compiled = asymrnr_fx.compile(model, AsymRnRConfig(compiler="eager", segments="sites", **CFG))
     rt = compiled.asymrnr
     with torch.no_grad():
         compiled(**inputs, timestep=torch.full((1,), 900.0), return_dict=False)

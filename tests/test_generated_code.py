@@ -173,9 +173,11 @@ def check_gathers_fused(code: str, call: dict, keep: dict[int, str]) -> None:
 
 @pytest.fixture(scope="module")
 def asymmetric():
-    """Block 0 reduced (q 0.5, kv 0.3), block 1 dense: one call, prologue + two site segments."""
+    """Block 0 reduced (q 0.5, kv 0.3), block 1 dense: one call, prologue + two site segments
+    (cut at sites: the uncut graph would be one program)."""
     torch._dynamo.reset()
-    cfg = AsymRnRConfig(schedule=Schedule(q=torch.tensor([[0.5], [0.0]]), kv=torch.tensor([[0.3], [0.0]])))
+    cfg = AsymRnRConfig(schedule=Schedule(q=torch.tensor([[0.5], [0.0]]), kv=torch.tensor([[0.3], [0.0]])),
+                        segments="sites")
     model = asymrnr_fx.compile(tiny_cogvideox(), cfg)
     _, codes = run_and_get_code(run, model, cogvideox_inputs(), 900.0)
     torch._dynamo.reset()
@@ -348,7 +350,7 @@ def test_compiled_matching_never_materialises_more_scores_than_max_match_element
     writes at most `max_match_elements`, and together they cover the whole matrix once."""
     limit, whole = 1000, 2 * 160 * 32
     torch._dynamo.reset()
-    model = asymrnr_fx.compile(tiny_cogvideox(num_layers=1), AsymRnRConfig(q_ratio=0.5, kv_ratio=0.3,
+    model = asymrnr_fx.compile(tiny_cogvideox(num_layers=1), AsymRnRConfig(q_ratio=0.5, kv_ratio=0.3, segments="sites",
                                                                            max_match_elements=limit))
     _, codes = run_and_get_code(run, model, cogvideox_inputs(), 900.0)
     torch._dynamo.reset()

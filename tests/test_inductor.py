@@ -39,7 +39,8 @@ def test_cogvideox_inductor_ratio_zero_equals_inductor_and_reduced_matches_cheap
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     assert (got[0] - baseline).abs().max() > 1e-3  # the reduction really ran
     rt = fast.asymrnr
-    assert rt.stats["compiles"] == 3 + 1 and rt.rewrites["sites_reduced"] == 2  # 3 segments, 1 matching
+    # the uncut graph (a constant schedule): one program that matches, one that reuses
+    assert rt.stats["compiles"] == 2 and rt.stats["segments"] == 1 and rt.rewrites["sites_reduced"] == 2
 
 
 def test_hunyuan_video_inductor_with_mask_matches_cheap_path():

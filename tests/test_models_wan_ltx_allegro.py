@@ -357,7 +357,8 @@ def test_inductor_reduced_generation_matches_the_cheap_path(name):
     dense = call(fam.build(num_layers=1), fam, inputs, steps[0])
     assert (got[0] - dense).abs().max() > 1e-3  # the reduction really ran
     rt = fast.asymrnr
-    assert rt.rewrites["sites_reduced"] == 1 and rt.stats["compiles"] == 2 + 1  # before / after the site, matching
+    # the uncut graph: the first call matches inside it, the next ones reuse
+    assert rt.rewrites["sites_reduced"] == 1 and rt.stats["compiles"] == 2 and rt.stats["segments"] == 1
 
 
 # ---- symmetric mode -----------------------------------------------------------------------------

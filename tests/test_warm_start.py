@@ -37,7 +37,7 @@ if args.get("changed_restore"):  # stands for an edit of tokens.py: restore scal
         return 2 * x.gather(2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
     gather_tokens.__module__ = tokens.__name__
     tokens.gather_tokens = gather_tokens
-cfg = {"q_ratio": args["q_ratio"], "kv_ratio": 0.3, "matching_every": 2}
+cfg = {"q_ratio": args["q_ratio"], "kv_ratio": 0.3, "matching_every": 2, "segments": "sites"}  # pieces to tell apart
 model, x = tiny_cogvideox(), cogvideox_inputs()
 fast = asymrnr_fx.compile(model, AsymRnRConfig(**cfg))
 outs = [run(fast, x, t) for t in (900.0, 890.0)]

@@ -13,7 +13,9 @@ becomes
 The matching tensors (dst, src, nearest, order per reduced side) are new placeholders appended
 after the graph's inputs, in the order of `matching_input_names`; the runner passes the cached
 matchings there. The plan is built inside the compiled code (its shapes depend on the lengths of
-the variant only), so no index tensor is built between segments. Nothing else changes.
+the variant only), so no index tensor is built between segments. A side matched inside the
+graph (`matched`) takes only dst and src, computes nearest and order from its query (q) or value
+(kv), and returns them after the graph's outputs. Nothing else changes.
 """
 
 from __future__ import annotations
@@ -49,8 +51,22 @@ def _sides(v: Variant) -> list[str]:
     return [side for side, on in (("q", v.reduce_q), ("kv", v.reduce_kv)) if on]
 
 
-def matching_input_names(v: Variant) -> list[str]:
-    return [f"{side}_{f}" for side in _sides(v) for f in _MATCHING_FIELDS]
+_SPLIT_FIELDS = _MATCHING_FIELDS[:2]  # what a side matched inside the graph takes as inputs
+_FEATURE_OF_SIDE = {"q": "query", "kv": "value"}  # the sdpa argument each side is matched on
+
+
+def _inputs_of(side: str, matched: frozenset[str]) -> tuple[str, ...]:
+    return _SPLIT_FIELDS if side in matched else _MATCHING_FIELDS
+
+
+def matching_input_names(v: Variant, matched: frozenset[str] = frozenset()) -> list[str]:
+    """Placeholder names of the matching inputs; sides in `matched` take their split only."""
+    return [f"{side}_{f}" for side in _sides(v) for f in _inputs_of(side, matched)]
+
+
+def matched_sides(v: Variant, matched: frozenset[str]) -> list[str]:
+    """The sides whose (nearest, order) the rewritten graph returns, in output order."""
+    return [side for side in _sides(v) if side in matched]
 
 
 def matching_inputs(v: Variant, matchings: dict[str, tokens.Matching]) -> list:
@@ -58,13 +74,27 @@ def matching_inputs(v: Variant, matchings: dict[str, tokens.Matching]) -> list:
     return [getattr(matchings[side], f) for side in _sides(v) for f in _MATCHING_FIELDS]
 
 
-def _add_placeholders(graph: fx.Graph, names: list[str]) -> dict[str, fx.Node]:
+def _add_placeholders(graph: fx.Graph, names: list[str], site: str) -> dict[str, fx.Node]:
+    """New last inputs, in the order of `names`, named after the site (a graph may reduce several)."""
     last = list(graph.find_nodes(op="placeholder"))[-1]
     out = {}
     with graph.inserting_after(last):
         for name in reversed(names):
-            out[name] = graph.placeholder(f"asymrnr_{name}")
+            out[name] = graph.placeholder(f"asymrnr_{site}_{name}")
     return out
+
+
+def _match(graph: fx.Graph, p: dict[str, fx.Node], side: str, x: fx.Node, constants: tuple) -> None:
+    """Nodes computing the side's (nearest, order) from its feature x (tokens.match_fields), put
+    into `p` beside the side's dst and src."""
+    call = graph.call_function(tokens.match_fields, (x, p[f"{side}_dst"], p[f"{side}_src"], *constants))
+    for i, f in enumerate(_MATCHING_FIELDS[2:]):
+        p[f"{side}_{f}"] = graph.call_function(operator.getitem, (call, i))
+
+
+def _append_outputs(graph: fx.Graph, values: list[fx.Node]) -> None:
+    out = graph.output_node()
+    out.args = ((*out.args[0], *values),)
 
 
 def _plan(graph: fx.Graph, p: dict[str, fx.Node], side: str, n_keep: int, layout: tokens.Layout, mean: bool) -> dict[str, fx.Node]:
@@ -84,18 +114,23 @@ def _reduce(graph: fx.Graph, x: fx.Node, plan: dict[str, fx.Node], mean: bool) -
 
 
 def rewrite_site(
-    gm: fx.GraphModule, node_name: str, v: Variant, lengths: dict[str, int], layout: tokens.Layout, counters: Counter
+    gm: fx.GraphModule, node_name: str, v: Variant, lengths: dict[str, int], layout: tokens.Layout, counters: Counter,
+    matched: frozenset[str] = frozenset(), match_constants: tuple = (),
 ) -> fx.GraphModule:
     """Rewrite the attention node `node_name` of gm in place for variant v, keeping lengths[side]
-    visual tokens per reduced side ("q", "kv") of `layout`'s sequence; returns gm."""
+    visual tokens per reduced side ("q", "kv") of `layout`'s sequence; returns gm. Sides in
+    `matched` compute their matching in the graph (`tokens.match_fields` with `match_constants`
+    after x, dst, src) and return its (nearest, order) after gm's outputs (a tuple)."""
     if v.dense:
         return gm
     graph = gm.graph
     node = next(n for n in graph.nodes if n.name == node_name)
     a = sdpa_arguments(node)
     before = len(graph.nodes)
-    p = _add_placeholders(graph, matching_input_names(v))
+    p = _add_placeholders(graph, matching_input_names(v, matched), node_name)
     with graph.inserting_before(node):
+        for side in matched_sides(v, matched):
+            _match(graph, p, side, a[_FEATURE_OF_SIDE[side]], match_constants)
         plans = {side: _plan(graph, p, side, lengths[side], layout, v.mean) for side in _sides(v)}
         q = _reduce(graph, a["query"], plans["q"], v.mean) if v.reduce_q else a["query"]
         k = _reduce(graph, a["key"], plans["kv"], v.mean) if v.reduce_kv else a["key"]
@@ -111,6 +146,7 @@ def rewrite_site(
             out = graph.call_function(tokens.gather_tokens, (out, plans["q"]["restore"]))
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+    _append_outputs(graph, [p[f"{side}_{f}"] for side in matched_sides(v, matched) for f in _MATCHING_FIELDS[2:]])
     graph.lint()
     counters["sites_rewritten"] += 1
     counters["nodes_inserted"] += len(graph.nodes) - before + 1
