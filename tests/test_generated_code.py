@@ -151,7 +151,10 @@ def check_restore_fused(code: str, n_tokens: int, restore_index: str) -> None:
         ".default(").check("extern_kernels.").run(body)
     projection = re.search(r"extern_kernels\.\w+\(.*out=(\w+)\)", after)
     region = after[: projection.start()]
-    allocated = re.findall(r"(\w+) = empty_strided_cpu\(\(([^)]*)\)", region)
+    # buffers allocated here, or earlier ones reused (a whole graph's memory planning reuses them)
+    allocated = re.findall(r"(\w+) = (?:empty_strided_cpu\(|reinterpret_tensor\(\w+, )\(([^)]*)\).*# reuse$"
+                           r"|(\w+) = empty_strided_cpu\(\(([^)]*)\)", region, re.MULTILINE)
+    allocated = [(a or c, b or d) for a, b, c, d in allocated]
     hints = _hints(code)
     full = [(name, shape) for name, shape in allocated  # (not the matmul's own output buffer)
             if name != projection[1] and math.prod(_dims(shape, hints)) == B * n_tokens * H * D]
@@ -362,3 +365,35 @@ def test_compiled_matching_never_materialises_more_scores_than_max_match_element
         (batch, m, _), (_, _, n) = (_shape(x, body, {}) for x in (a, b))
         sizes.append(batch * m * n)
     assert len(sizes) > 1 and max(sizes) <= limit and sum(sizes) == whole, sizes
+
+
+# ---- the uncut graph -------------------------------------------------------------------------
+
+def test_uncut_program_matches_in_chunks_and_reuses_without_scores():
+    """The uncut graph (`segments="auto"`): the window's first call is one program that computes
+    the matching (its score matmuls bounded by `max_match_elements`, covering the matrix once)
+    and attends on the reduced lengths with the restore fused; the reusing call's program has no
+    score matmul and no sort, and attends on the same lengths."""
+    limit, whole = 1000, 2 * 160 * 32
+    torch._dynamo.reset()
+    cfg = AsymRnRConfig(q_ratio=0.5, kv_ratio=0.3, max_match_elements=limit, matching_every=2)
+    model = asymrnr_fx.compile(tiny_cogvideox(num_layers=1), cfg)
+    _, (matching,) = run_and_get_code(run, model, cogvideox_inputs(), 900.0)
+    _, (reuse,) = run_and_get_code(run, model, cogvideox_inputs(), 880.0)
+    torch._dynamo.reset()
+    assert model.asymrnr.stats["segments"] == 1 and model.asymrnr.stats["compiles"] == 2
+    for code in (matching, reuse):
+        (call,) = sdpa_calls(code)
+        assert [s[2] for s in call["shapes"]] == [N_TEXT + 96, N_TEXT + 134, N_TEXT + 134]
+        check_restore_fused(code, N, index_inputs(code)[N])
+        FileCheck().check_not("_size[").run(_wrapper(code))
+    sizes = []
+    for op, args in re.findall(r"extern_kernels\.(baddbmm|bmm)\((.*)\)\s*$", _wrapper(matching), re.MULTILINE):
+        a, b = _split_args(args)[(op == "baddbmm"):][:2]
+        (batch, m, _), (_, _, n) = (_shape(x, _wrapper(matching), {}) for x in (a, b))
+        sizes.append(batch * m * n)
+    # q and v each: the attention's own matmuls are in the SDPA call, not bmm
+    assert len(sizes) > 2 and max(sizes) <= limit and sum(sizes) == 2 * whole, sizes
+    assert "aten.sort" in matching
+    FileCheck().check_not("aten.sort").check_not("extern_kernels.bmm").check_not("extern_kernels.baddbmm").run(
+        _wrapper(reuse))

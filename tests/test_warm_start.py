@@ -37,7 +37,8 @@ if args.get("changed_restore"):  # stands for an edit of tokens.py: restore scal
         return 2 * x.gather(2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
     gather_tokens.__module__ = tokens.__name__
     tokens.gather_tokens = gather_tokens
-cfg = {"q_ratio": args["q_ratio"], "kv_ratio": 0.3, "matching_every": 2, "segments": "sites"}  # pieces to tell apart
+# cut at sites unless asked: pieces to tell apart
+cfg = {"q_ratio": args["q_ratio"], "kv_ratio": 0.3, "matching_every": 2, "segments": args.get("segments", "sites")}
 model, x = tiny_cogvideox(), cogvideox_inputs()
 fast = asymrnr_fx.compile(model, AsymRnRConfig(**cfg))
 outs = [run(fast, x, t) for t in (900.0, 890.0)]
@@ -120,4 +121,16 @@ def test_mega_cache_artifacts_warm_start_an_empty_cache(first):
     c = _generate(first["root"] / "empty", out, q_ratio=0.5, load=str(first["mega"]))
     _assert_all_hits(c)
     for got, want in zip(torch.load(out), torch.load(first["out"])):
+        assert torch.equal(got, want)
+
+
+def test_uncut_graph_warm_starts_both_of_its_programs(tmp_path):
+    """The uncut graph's two programs (the call that matches, the call that reuses) are served
+    from the cache a first process filled, and give its output."""
+    cold = _generate(tmp_path / "cache", tmp_path / "cold.pt", q_ratio=0.5, segments="auto")
+    assert cold["compiles"] == 2 and cold["fxgraph_miss"] == cold["aot_miss"] == 2 and cold["aot_hit"] == 0, cold
+    warm = _generate(tmp_path / "cache", tmp_path / "warm.pt", q_ratio=0.5, segments="auto")
+    assert warm["compiles"] == 2 and warm["fxgraph_hit"] == warm["aot_hit"] == 2, warm
+    assert warm["fxgraph_miss"] == warm["aot_miss"] == warm["fxgraph_bypass"] == warm["aot_bypass"] == 0, warm
+    for got, want in zip(torch.load(tmp_path / "warm.pt"), torch.load(tmp_path / "cold.pt"), strict=True):
         assert torch.equal(got, want)
