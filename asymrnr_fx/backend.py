@@ -426,12 +426,13 @@ def _cache_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -
 
 def _uncut_sites(info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> list[sites.Site] | None:
     """The sites a `GraphReducer` reduces in the uncut graph, or None where the graph is cut at
-    its sites: `segments="sites"`, a cache (it needs block boundaries), the symmetric mode, or a
-    schedule of more than `MAX_GRAPH_PATTERNS` step patterns (each would compile the model)."""
+    its sites: `segments="sites"`, a cache (it needs block boundaries), the symmetric mode, or
+    with `segments="auto"` a schedule of more than `MAX_GRAPH_PATTERNS` step patterns (each
+    compiles the whole model twice; `segments="graph"` accepts that)."""
     schedule = rt.schedule
-    if cfg.segments != "auto" or cfg.cache is not None or schedule.symmetric or schedule.all_zero:
+    if cfg.segments == "sites" or cfg.cache is not None or schedule.symmetric or schedule.all_zero:
         return None
-    if schedule.step_patterns > MAX_GRAPH_PATTERNS:
+    if cfg.segments == "auto" and schedule.step_patterns > MAX_GRAPH_PATTERNS:
         return None
     reducible = [s for s in info.sites if s.reducible]
     rt.active_sites = {s.path for s in reducible}

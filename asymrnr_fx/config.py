@@ -19,7 +19,7 @@ REDUCE_MODES = ("replace", "mean")
 SPLITS = ("random", "fixed")
 COMPILERS = ("inductor", "aot_eager", "eager")
 ON_UNSUPPORTED = ("error", "warn")
-SEGMENTS = ("auto", "sites")
+SEGMENTS = ("auto", "sites", "graph")
 _AUTO_STEP_FIX = (
     "Use auto_step=False to set steps with runtime.set_step() or callback_on_step_end, "
     "or auto_step=True to count them from the timestep input."
@@ -135,8 +135,10 @@ class AsymRnRConfig:
     tracked. `segments`: "auto" compiles the model as one graph, all of its sites reduced, where
     nothing is cached and the schedule has at most `backend.MAX_GRAPH_PATTERNS` patterns of
     lengths over the steps (a constant one has one), and cuts it at every reducible site
-    otherwise; "sites" always cuts it there. The reduction's fields may be given directly, e.g. `AsymRnRConfig(q_ratio=0.3,
-    kv_ratio=0.3, cache=BlockCache())`, or as `reduction=Reduction(...)` (not both)."""
+    otherwise; "sites" always cuts it there; "graph" never cuts it (asymmetric mode, no cache),
+    at the price of compiling the whole model twice per pattern. The reduction's fields may be
+    given directly, e.g. `AsymRnRConfig(q_ratio=0.3, kv_ratio=0.3, cache=BlockCache())`, or as
+    `reduction=Reduction(...)` (not both)."""
 
     reduction: Reduction
     cache: BlockCache | SkipCache | None
@@ -169,6 +171,18 @@ class AsymRnRConfig:
         _check_choice("compiler", compiler, COMPILERS)
         _check_choice("on_unsupported", on_unsupported, ON_UNSUPPORTED)
         _check_choice("segments", segments, SEGMENTS)
+        self._check_whole_graph()
+
+    def _check_whole_graph(self) -> None:
+        """`segments="graph"` needs what the uncut graph can do: no cache, the asymmetric mode."""
+        if self.segments != "graph":
+            return
+        if self.cache is not None:
+            raise ConfigError("segments='graph' keeps the graph whole, but a cache needs it cut at block "
+                              "boundaries. Use segments='auto' (or 'sites') with a cache.")
+        if self.effective_schedule().symmetric:
+            raise ConfigError("segments='graph' reduces in the asymmetric mode only; the symmetric mode (h_ratio) "
+                              "reduces before the projections, at cuts. Use segments='auto' with h_ratio.")
 
     @property
     def enabled(self) -> bool:

@@ -388,6 +388,9 @@ METHODS: list[MethodSpec] = [
     # ours: published schedules, constant ratios, one side only, symmetric at equal attention FLOPs
     spec("asymrnr published base", "asymrnr", "ours", compiled=True, modes=ALL_MODES, core=True, schedule="base"),
     spec("asymrnr published fast", "asymrnr", "ours", compiled=True, core=True, schedule="fast"),
+    # the published base in one graph: two whole-model programs per step pattern (fixtures only)
+    spec("asymrnr published base, one graph", "asymrnr", "ours", compiled=True, modes=FULL, workloads=FIXTURES,
+         schedule="base", segments="graph"),
     spec("asymrnr q=0.5 kv=0.3", "asymrnr", "ours", compiled=True, modes=ALL_MODES, core=True, q=0.5, kv=0.3),
     spec("asymrnr q=0.25 kv=0.25", "asymrnr", "ours", compiled=True, modes=FULL, q=0.25, kv=0.25),
     spec("asymrnr q=0.3 kv=0.3", "asymrnr", "ours", compiled=True, modes=QUICK, workloads=FIXTURES, q=0.3,

@@ -82,6 +82,31 @@ def test_many_step_patterns_a_cache_or_the_symmetric_mode_cut_the_graph():
         assert got == segments if segments is not None else got > 1, kw
 
 
+def test_segments_graph_keeps_a_many_pattern_schedule_whole():
+    """`segments="graph"`: a schedule of 5 step patterns in one graph, as the cut graph gives it;
+    two programs per pattern at most."""
+    model, inputs = tiny_cogvideox(num_layers=2), cogvideox_inputs()
+    ramp = Schedule(q=torch.linspace(0.1, 0.5, 5).repeat_interleave(2).repeat(2, 1), kv=0.3)
+    compiled = {seg: asymrnr_fx.compile(model, AsymRnRConfig(compiler="aot_eager", segments=seg, schedule=ramp,
+                                                             matching_every=3)) for seg in ("graph", "sites")}
+    outs = {seg: generate(c, inputs, TIMESTEPS[:10]) for seg, c in compiled.items()}
+    for a, b in zip(outs["graph"], outs["sites"], strict=True):
+        assert torch.equal(a, b)
+    rt = compiled["graph"].asymrnr
+    assert rt.stats["segments"] == 1 and 5 < rt.stats["compiles"] <= 2 * 5
+    assert rt.used_lengths == compiled["sites"].asymrnr.used_lengths
+
+
+def test_segments_graph_refuses_what_needs_cuts():
+    with pytest.raises(ConfigError, match="a cache needs it cut at block boundaries"):
+        AsymRnRConfig(q_ratio=0.5, cache=BlockCache(), segments="graph")
+    with pytest.raises(ConfigError, match="asymmetric mode only"):
+        AsymRnRConfig(q_ratio=0.0, kv_ratio=0.0, h_ratio=0.5, segments="graph")
+    with pytest.raises(ConfigError, match="asymmetric mode only"):
+        torch.compile(tiny_cogvideox(), backend="asymrnr", options={"segments": "graph", "h_ratio": 0.3, "q_ratio": 0.0, "kv_ratio": 0.0})(
+            **cogvideox_inputs(), timestep=torch.tensor([900.0]), return_dict=False)
+
+
 def test_segments_must_be_a_known_choice():
     with pytest.raises(ConfigError, match="segments must be one of"):
         AsymRnRConfig(segments="blocks")
