@@ -211,6 +211,14 @@ class _Reducer:
         return out
 
 
+def _site_variant(rt: AsymRnRRuntime, site: sites.Site, n_dst: int, mean: bool) -> tuple[ra.Variant, int, int]:
+    """The site's rewrite variant and (queries, keys/values) kept at this step, recorded."""
+    nq, nkv = rt.site_lengths(site, n_dst)
+    rt.record(site, nq, nkv)
+    nv = site.layout.n_visual
+    return ra.Variant(nq < nv, nkv < nv, mean), nq, nkv
+
+
 class AsymmetricReducer(_Reducer):
     """A segment that starts with a reducible attention call: queries and keys/values reduced
     by their own lengths, matched on Q and on V."""
@@ -224,10 +232,7 @@ class AsymmetricReducer(_Reducer):
 
     def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
         """(compile key, matching inputs) for this step, or None when the site stays dense."""
-        nq, nkv = self.rt.site_lengths(self.site, self.n_dst)
-        self.rt.record(self.site, nq, nkv)
-        nv = self.site.layout.n_visual
-        v = ra.Variant(nq < nv, nkv < nv, self.mean)
+        v, nq, nkv = _site_variant(self.rt, self.site, self.n_dst, self.mean)
         return None if v.dense else ((v, nq, nkv), self._matching_inputs(args, v))
 
     def rewrite(self, gm: fx.GraphModule, key: Any) -> fx.GraphModule:
@@ -309,10 +314,7 @@ class GraphReducer(_Reducer):
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         parts, extra, self._due = [], [], []
         for site, n_dst in zip(self.sites, self.n_dst):
-            nq, nkv = self.rt.site_lengths(site, n_dst)
-            self.rt.record(site, nq, nkv)
-            nv = site.layout.n_visual
-            v = ra.Variant(nq < nv, nkv < nv, self.mean)
+            v, nq, nkv = _site_variant(self.rt, site, n_dst, self.mean)
             parts.append((v, nq, nkv, self._site_inputs(site, v, device, extra)))
         if all(p[0].dense for p in parts):
             self._due = []
