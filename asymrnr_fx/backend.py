@@ -302,8 +302,6 @@ class GraphReducer(_Reducer):
     and returns it (one program for all sites); the calls that reuse it pass it back in. Variants:
     one per pattern of lengths and matched sides, so a constant schedule compiles two."""
 
-    _FIELDS = ("dst", "src", "nearest", "order")  # of tokens.Matching
-
     def __init__(self, rt: AsymRnRRuntime, reducible: list[sites.Site]):
         self.rt, self.sites = rt, reducible
         self.n_dst = [tokens.count_windows(s.grid, rt.config.reduction.dst_stride) for s in reducible]
@@ -316,8 +314,7 @@ class GraphReducer(_Reducer):
         for site, n_dst in zip(self.sites, self.n_dst):
             v, nq, nkv = _site_variant(self.rt, site, n_dst, self.mean)
             parts.append((v, nq, nkv, self._site_inputs(site, v, device, extra)))
-        if all(p[0].dense for p in parts):
-            self._due = []
+        if all(p[0].dense for p in parts):  # nothing reduced, so nothing matched: `_due` is empty
             return None
         return ("sites", tuple(parts)), extra
 
@@ -332,7 +329,7 @@ class GraphReducer(_Reducer):
                 self._due.append((site, feature, *split))
                 matched.add(side)
             elif on:
-                extra += [getattr(cached.matching, f) for f in self._FIELDS]
+                extra += ra.side_inputs(cached.matching)
         return frozenset(matched)
 
     def rewrite(self, gm: fx.GraphModule, key: Any) -> fx.GraphModule:

@@ -24,6 +24,7 @@ import operator
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from asymrnr_fx import tokens
@@ -71,7 +72,12 @@ def matched_sides(v: Variant, matched: frozenset[str]) -> list[str]:
 
 def matching_inputs(v: Variant, matchings: dict[str, tokens.Matching]) -> list:
     """The tensors for the placeholders of `matching_input_names(v)`, from matchings keyed "q" / "kv"."""
-    return [getattr(matchings[side], f) for side in _sides(v) for f in _MATCHING_FIELDS]
+    return [t for side in _sides(v) for t in side_inputs(matchings[side])]
+
+
+def side_inputs(matching: tokens.Matching) -> list[torch.Tensor]:
+    """The tensors one side not matched in the graph takes, in placeholder order."""
+    return [getattr(matching, f) for f in _MATCHING_FIELDS]
 
 
 def _add_placeholders(graph: fx.Graph, names: list[str], site: str) -> dict[str, fx.Node]:
