@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m asymrnr_fx.demo
 
+# two workers (CI's two cores); a file with module fixtures stays on one worker (its xdist_group)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # retrains the shipped fixture weights (58 minutes on 2 CPU cores; overwrites models/fixture/weights)
 fixture: $(STAMP)

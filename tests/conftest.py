@@ -21,6 +21,12 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="asymrnr-tests-inductor-")
     atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
+# `make test` runs two pytest-xdist workers (CI has two cores). Each computes on one thread, it and the
+# subprocesses its tests start: two workers of two OpenMP threads each would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "asymrnr-official"
 
 
