@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m asymrnr_fx.demo
 
-# two workers (CI's two cores); a file with module fixtures stays on one worker (its xdist_group)
+# two workers (CI's two cores); a file runs whole on one worker, so its module fixtures are built once
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # retrains the shipped fixture weights (58 minutes on 2 CPU cores; overwrites models/fixture/weights)
 fixture: $(STAMP)

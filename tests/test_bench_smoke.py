@@ -36,8 +36,6 @@ from bench.report import frontier, place_labels
 from bench.run import Result, round_order
 from bench.workloads import block_rows, evenly, subsample
 
-pytestmark = pytest.mark.xdist_group("bench_smoke")  # one xdist worker shares the module fixture
-
 # deterministic: at 4 steps (t = 1000, 667, 334, 1) only step 1 falls between the bands, and is cached
 CACHING_ROW = "asymrnr SkipCache N2-700-50"
 

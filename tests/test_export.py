@@ -30,8 +30,7 @@ from asymrnr_fx import AsymRnRConfig, BlockCache, ExportError, SkipCache
 from asymrnr_fx.models import fixture
 from asymrnr_fx.package import MANIFEST
 
-# AOTInductor programs: every test compiles or loads them; one xdist worker shares the module fixtures
-pytestmark = [pytest.mark.inductor, pytest.mark.xdist_group("export")]
+pytestmark = pytest.mark.inductor  # AOTInductor programs: every test compiles or loads them
 
 REDUCE_AND_SKIP = AsymRnRConfig(q_ratio=0.5, kv_ratio=0.3, cache=SkipCache(interval=2, full_above=1000, full_below=0))
 TIMESTEPS = [900.0, 700.0, 500.0]

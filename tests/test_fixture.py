@@ -19,8 +19,6 @@ from asymrnr_fx.models.fixture import data, evaluate
 from asymrnr_fx.models.fixture.evaluate import frame_motion, looks_like_clip
 from asymrnr_fx.models.fixture.model import FixtureConfig
 
-pytestmark = pytest.mark.xdist_group("fixture")  # one xdist worker shares the module fixtures
-
 STEPS = 20
 SEED = 0
 SEEDS = (0, 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.inductor, pytest.mark.xdist_group("warm_start")]  # one worker: module fixtures
+pytestmark = pytest.mark.inductor
 
 TESTS = Path(__file__).resolve().parent
 
