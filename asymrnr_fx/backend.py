@@ -307,12 +307,10 @@ class GraphReducer(_Reducer):
         self.n_dst = [tokens.count_windows(s.grid, rt.config.reduction.dst_stride) for s in reducible]
         self.mean = rt.config.reduction.reduce_mode == "mean"
         self._due: list[tuple] = []  # (site, feature, dst, src) of the matchings this call computes
-        self._device: torch.device | None = None  # of the graph's inputs (Dynamo's guards pin it)
 
     def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
-        if self._device is None:
-            self._device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        device, parts, extra, self._due = self._device, [], [], []
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        parts, extra, self._due = [], [], []
         for site, n_dst in zip(self.sites, self.n_dst):
             v, nq, nkv = _site_variant(self.rt, site, n_dst, self.mean)
             parts.append((v, nq, nkv, self._site_inputs(site, v, device, extra)))
