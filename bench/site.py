@@ -25,6 +25,8 @@ from tabulate import tabulate
 
 from asymrnr_fx import tokens
 
+from .flops import AttentionCall
+
 CASES = [(0.5, 0.5), (0.25, 0.5), (0.0, 0.5)]
 
 
@@ -82,11 +84,6 @@ def matching_of(match: Callable, x: torch.Tensor, dst: torch.Tensor, src: torch.
     return (dst, src, *match(x, dst, src, 0, x.shape[2], "euclidean", 1 << 20))
 
 
-def attention_flops(heads: int, head_dim: int, n_q: int, n_kv: int) -> int:
-    """Q K^T and P V of one call (2 FLOPs per multiply-add)."""
-    return 4 * heads * head_dim * n_q * n_kv
-
-
 def matching_flops(heads: int, head_dim: int, n_src: int, n_dst: int) -> int:
     """The score matmul of one feature's matching: every source against every destination."""
     return 2 * heads * head_dim * n_src * n_dst
@@ -117,8 +114,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
             "matching": lambda: matching_of(match, v, dst, src),
         }, args.rounds, args.reps)
         (t_dense, s_dense), (t_attn, s_attn), (t_match, s_match) = t["dense"], t["reduced"], t["matching"]
-        dense_flops = attention_flops(args.heads, args.head_dim, args.tokens, args.tokens)
-        attn_flops = attention_flops(args.heads, args.head_dim, n_q, n_kv)
+        width = args.heads * args.head_dim
+        dense_flops = AttentionCall(width, args.tokens, args.tokens).flops
+        attn_flops = AttentionCall(width, n_q, n_kv).flops
         ideal = dense_flops / attn_flops
         match_flops = n_features * matching_flops(args.heads, args.head_dim, args.tokens - n_dst, n_dst)
         for every in (1, 5):
