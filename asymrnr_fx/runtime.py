@@ -127,6 +127,7 @@ class AsymRnRRuntime:
         self.step, self._call_in_step, self._hold, self._ended = 0, -1, False, False
         self._last_t, self._signature = None, None
         self._contexts: OrderedDict[Any, ContextState] = OrderedDict()
+        self._splits: dict[int, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}  # see `window_split`
         self.used_lengths: dict[tuple[int, Any], dict[str, tuple[int, int]]] = {}
         self.cache_log: dict[tuple[int, Any], tuple[int, int]] = {}  # (step, context) -> (run, skipped)
         self.stats["generations"] += 1
@@ -334,8 +335,16 @@ class AsymRnRRuntime:
         return cached if cached is not None and cached.window == self.window(site.block) else None
 
     def window_split(self, site: Any, grid: tokens.Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dst, src) of the site's matching in this window (the same for every feature)."""
-        return tuple(t.to(device) for t in self._split(site.index, grid, self.window(site.block)))
+        """(dst, src) of the site's matching in this window: a function of the seed, the site and
+        the window only, so it is drawn once for all of the site's features and call contexts.
+        The latest window's split of each site is kept (one per site, until the generation ends)."""
+        key = (self.window(site.block), grid, device)
+        kept = self._splits.get(site.index)
+        if kept is None or kept[0] != key:
+            split = tuple(t.to(device) for t in self._split(site.index, grid, key[0]))
+            kept = self._splits[site.index] = (key, split)
+            self.stats["splits"] += 1
+        return kept[1]
 
     def store_matching(self, site: Any, feature: str, matching: tokens.Matching) -> _Cached:
         """Keep `matching` as the site's matching on `feature` for this window and context."""

@@ -177,3 +177,24 @@ def test_two_compiled_models_of_one_module_keep_their_own_runtimes():
         run(a, x, 900.0)
         run(b, x, 900.0)
     assert a.asymrnr.context_key == b.asymrnr.context_key == "uncond"
+
+
+def test_a_site_draws_one_split_per_window_for_its_features_and_contexts():
+    # the cut path matches Q and V of every site; both, in both contexts, use one drawn split
+    model, x = tiny_cogvideox(), cogvideox_inputs()
+    compiled = asymrnr_fx.compile(model, cheap(q_ratio=0.5, kv_ratio=0.5, matching_every=2, segments="sites"))
+    rt = compiled.asymrnr
+    for t in (900.0, 800.0, 700.0):  # steps 0 and 1 share window 0; step 2 opens window 1
+        for name in ("cond", "uncond"):
+            with rt.context(name):
+                run(compiled, x, t)
+    sites = [s for s in rt.info.sites if s.path in rt.active_sites]
+    assert len(sites) == 2 and rt.step == 2
+    assert rt.stats["matchings"] == 2 * 2 * 2 * len(sites)  # (Q, V) x contexts x windows
+    assert rt.stats["splits"] == 2 * len(sites)  # one per site and window
+    for name in ("cond", "uncond"):
+        for site in sites:
+            dst, src = rt._split(site.index, site.grid, 1)  # the window-1 draw
+            for feature in ("q", "v"):
+                m = rt._contexts[name].matchings[(site.index, feature)].matching
+                assert torch.equal(m.dst, dst) and torch.equal(m.src, src)
