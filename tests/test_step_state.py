@@ -198,3 +198,10 @@ def test_a_site_draws_one_split_per_window_for_its_features_and_contexts():
             for feature in ("q", "v"):
                 m = rt._contexts[name].matchings[(site.index, feature)].matching
                 assert torch.equal(m.dst, dst) and torch.equal(m.src, src)
+    for _ in range(3):  # more generations: the kept splits end with each, one per site at most
+        rt.reset()
+        assert rt._splits == {}
+        for t in (900.0, 800.0, 700.0):
+            run(compiled, x, t)
+        assert set(rt._splits) == {s.index for s in sites}
+    assert rt.stats["splits"] == 2 * len(sites) + 3 * 2 * len(sites)
