@@ -320,11 +320,11 @@ class GraphReducer(_Reducer):
 
     def _site_inputs(self, site: sites.Site, v: ra.Variant, device: torch.device, extra: list) -> frozenset[str]:
         """Append the site's matching inputs to `extra`; the sides it matches in the graph."""
-        matched, split = set(), None
+        matched = set()
         for side, feature, on in (("q", "q", v.reduce_q), ("kv", "v", v.reduce_kv)):
             cached = self.rt.cached_matching(site, feature) if on else None
             if on and cached is None:
-                split = split or self.rt.window_split(site, site.grid, device)
+                split = self.rt.window_split(site, site.grid, device)  # drawn once per site and window
                 extra += split
                 self._due.append((site, feature, *split))
                 matched.add(side)
