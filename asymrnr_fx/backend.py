@@ -60,7 +60,7 @@ def inner_compile(gm: fx.GraphModule, inputs: Sequence[Any], cfg: AsymRnRConfig,
         # Lazy compiles run outside Dynamo: without these, both of Inductor's on-disk caches are
         # bypassed and every new process recompiles every segment (see inductor_cache).
         with inductor_cache.tracing_context() as mode:
-            lowered = inductor_cache.lower_for_cache(gm, inputs)
+            lowered = inductor_cache.lower_for_cache(gm, inputs, mode)
             fn = compile_fx(lowered, inductor_cache.static_inputs(inputs, mode), config_patches=patches)
     elif cfg.compiler == "aot_eager":
         fn = torch._dynamo.lookup_backend("aot_eager")(gm, list(inputs))

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._guards import TracingContext, detect_fake_mode, tracing
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._guards import TracingContext, tracing
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils import _pytree as pytree
@@ -69,6 +69,14 @@ def _fill_placeholders(graph: fx.Graph, inputs: Sequence[Any], mode: FakeTensorM
     for node, value in zip(graph.find_nodes(op="placeholder"), inputs):
         if "example_value" not in node.meta and isinstance(value, torch.Tensor):
             node.meta["example_value"] = mode.from_tensor(value, static_shapes=True)
+
+
+def graph_fake_mode(graph: fx.Graph) -> FakeTensorMode:
+    """The fake mode of the graph's own example values (a new one when it has none)."""
+    for node in graph.find_nodes(op="placeholder"):
+        if isinstance(node.meta.get("example_value"), FakeTensor):
+            return node.meta["example_value"].fake_mode
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def _examples(values: Any) -> Any:
@@ -115,12 +123,16 @@ def _fill_example_value(node: fx.Node, mode: FakeTensorMode) -> None:
             node.meta["example_value"] = node.target(*args, **kwargs)
 
 
-def lower_for_cache(gm: fx.GraphModule, inputs: Sequence[Any]) -> fx.GraphModule:
+def lower_for_cache(gm: fx.GraphModule, inputs: Sequence[Any], mode: FakeTensorMode | None) -> fx.GraphModule:
     """A copy of gm that Inductor's caches accept: the package's Python calls inlined as ATen
-    operators, every inserted node with an example value. gm itself is not changed."""
+    operators, every inserted node with an example value. gm itself is not changed.
+
+    `mode`: the fake mode of the compile's own tracing context (`tracing_context`), in which the
+    inserted nodes are traced. None while Dynamo compiles: its context's mode is then another object
+    than the graph's, and the nodes Dynamo left without a value (`setitem`) are filled in the
+    graph's own mode; filling them in the context's raises "Mixing fake modes"."""
     graph = copy.deepcopy(gm.graph)
-    known = [n.meta["example_value"] for n in graph.find_nodes(op="placeholder") if "example_value" in n.meta]
-    mode = detect_fake_mode(known) or FakeTensorMode(allow_non_fake_inputs=True)
+    mode = mode or graph_fake_mode(graph)
     _fill_placeholders(graph, inputs, mode)
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method") or "example_value" in node.meta or node._erased:
