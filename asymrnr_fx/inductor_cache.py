@@ -71,7 +71,7 @@ def _fill_placeholders(graph: fx.Graph, inputs: Sequence[Any], mode: FakeTensorM
             node.meta["example_value"] = mode.from_tensor(value, static_shapes=True)
 
 
-def graph_fake_mode(graph: fx.Graph) -> FakeTensorMode:
+def _graph_fake_mode(graph: fx.Graph) -> FakeTensorMode:
     """The fake mode of the graph's own example values (a new one when it has none)."""
     for node in graph.find_nodes(op="placeholder"):
         if isinstance(node.meta.get("example_value"), FakeTensor):
@@ -132,7 +132,7 @@ def lower_for_cache(gm: fx.GraphModule, inputs: Sequence[Any], mode: FakeTensorM
     than the graph's, and the nodes Dynamo left without a value (`setitem`) are filled in the
     graph's own mode; filling them in the context's raises "Mixing fake modes"."""
     graph = copy.deepcopy(gm.graph)
-    mode = mode or graph_fake_mode(graph)
+    mode = mode or _graph_fake_mode(graph)
     _fill_placeholders(graph, inputs, mode)
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method") or "example_value" in node.meta or node._erased:
