@@ -211,12 +211,23 @@ class _Reducer:
         return out
 
 
-def _site_variant(rt: AsymRnRRuntime, site: sites.Site, n_dst: int, mean: bool) -> tuple[ra.Variant, int, int]:
-    """The site's rewrite variant and (queries, keys/values) kept at this step, recorded."""
-    nq, nkv = rt.site_lengths(site, n_dst)
-    rt.record(site, nq, nkv)
-    nv = site.layout.n_visual
-    return ra.Variant(nq < nv, nkv < nv, mean), nq, nkv
+class SiteDecision:
+    """A site's rewrite variant and (queries, keys/values) kept at the current step, recorded at
+    every call. The schedule makes it a function of the site's block and the step only, so it is
+    worked out once per step (the calls of a step's other contexts look it up)."""
+
+    def __init__(self, rt: AsymRnRRuntime, site: sites.Site, n_dst: int, mean: bool):
+        self.rt, self.site, self.n_dst, self.mean = rt, site, n_dst, mean
+        self._step, self._value = -1, None
+
+    def __call__(self) -> tuple[ra.Variant, int, int]:
+        if self.rt.step != self._step:
+            nq, nkv = self.rt.site_lengths(self.site, self.n_dst)
+            nv = self.site.layout.n_visual
+            self._step, self._value = self.rt.step, (ra.Variant(nq < nv, nkv < nv, self.mean), nq, nkv)
+        value = self._value
+        self.rt.record(self.site, value[1], value[2])
+        return value
 
 
 class AsymmetricReducer(_Reducer):
@@ -227,12 +238,12 @@ class AsymmetricReducer(_Reducer):
         self.rt, self.site, self.grid, self.matcher = rt, site, site.grid, matcher
         args = sites.sdpa_arguments(next(n for n in gm.graph.nodes if n.name == site.node_name))
         self.pos = {f: _placeholder_index(gm, args[name].name) for f, name in (("q", "query"), ("v", "value"))}
-        self.n_dst = tokens.count_windows(site.grid, rt.config.reduction.dst_stride)
-        self.mean = rt.config.reduction.reduce_mode == "mean"
+        n_dst = tokens.count_windows(site.grid, rt.config.reduction.dst_stride)
+        self.decide = SiteDecision(rt, site, n_dst, rt.config.reduction.reduce_mode == "mean")
 
     def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
         """(compile key, matching inputs) for this step, or None when the site stays dense."""
-        v, nq, nkv = _site_variant(self.rt, self.site, self.n_dst, self.mean)
+        v, nq, nkv = self.decide()
         return None if v.dense else ((v, nq, nkv), self._matching_inputs(args, v))
 
     def rewrite(self, gm: fx.GraphModule, key: Any) -> fx.GraphModule:
@@ -304,15 +315,16 @@ class GraphReducer(_Reducer):
 
     def __init__(self, rt: AsymRnRRuntime, reducible: list[sites.Site]):
         self.rt, self.sites = rt, reducible
-        self.n_dst = [tokens.count_windows(s.grid, rt.config.reduction.dst_stride) for s in reducible]
-        self.mean = rt.config.reduction.reduce_mode == "mean"
+        r = rt.config.reduction
+        self.decisions = [SiteDecision(rt, s, tokens.count_windows(s.grid, r.dst_stride), r.reduce_mode == "mean")
+                          for s in reducible]
         self._due: list[tuple] = []  # (site, feature, dst, src) of the matchings this call computes
 
     def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         parts, extra, self._due = [], [], []
-        for site, n_dst in zip(self.sites, self.n_dst):
-            v, nq, nkv = _site_variant(self.rt, site, n_dst, self.mean)
+        for site, decide in zip(self.sites, self.decisions):
+            v, nq, nkv = decide()
             parts.append((v, nq, nkv, self._site_inputs(site, v, device, extra)))
         if all(p[0].dense for p in parts):  # nothing reduced, so nothing matched: `_due` is empty
             return None

@@ -129,6 +129,8 @@ class AsymRnRRuntime:
         self._contexts: OrderedDict[Any, ContextState] = OrderedDict()
         self._splits: dict[int, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}  # see `window_split`
         self.used_lengths: dict[tuple[int, Any], dict[str, tuple[int, int]]] = {}
+        self._lengths: dict[str, tuple[int, int]] = {}  # this call's entry of `used_lengths` (see `record`)
+        self._state: ContextState | None = None  # this call's context state (see `state`)
         self.cache_log: dict[tuple[int, Any], tuple[int, int]] = {}  # (step, context) -> (run, skipped)
         self.stats["generations"] += 1
 
@@ -206,12 +208,19 @@ class AsymRnRRuntime:
         self.step, self._last_t, self._signature, self.timestep = step, t, signature, t
         self.num_steps = getattr(self._pipeline, "num_inference_steps", None) or self.num_steps
         self._key = name if name is not None else self._call_in_step
+        self._state = None
         self.state.last_step = step
+        self._lengths = self.used_lengths.setdefault((step, self._key), {})
 
     @property
     def state(self) -> ContextState:
-        """The current call context's state (created on first use; least recently used evicted)."""
-        key = self.context_key
+        """The current call context's state (created on first use; least recently used evicted).
+        Looked up once per call: every site asks for it several times per call."""
+        if self._state is None:
+            self._state = self._context_state(self._key)
+        return self._state
+
+    def _context_state(self, key: Any) -> ContextState:
         if key in self._contexts:
             self._contexts.move_to_end(key)
         else:
@@ -274,8 +283,8 @@ class AsymRnRRuntime:
 
     def record(self, site: Any, n_q: int, n_kv: int) -> None:
         """Lengths used at `site` in this call (kept for the current generation only)."""
-        self.used_lengths.setdefault((self.step, self.context_key), {})[site.path] = (n_q, n_kv)
-        if min(n_q, n_kv) < site.layout.n_visual:
+        self._lengths[site.path] = (n_q, n_kv)
+        if min(n_q, n_kv) < site.layout.n_visual and site.path not in self._reduced_sites:
             self._reduced_sites.add(site.path)
             self.rewrites["sites_reduced"] = len(self._reduced_sites)
 

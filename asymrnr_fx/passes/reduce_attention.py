@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -32,9 +32,10 @@ from asymrnr_fx import tokens
 from .sites import SDPA_PARAMS, sdpa_arguments
 
 
-@dataclass(frozen=True)
-class Variant:
-    """What one compiled version of a site segment reduces. mean: merge instead of drop."""
+class Variant(NamedTuple):
+    """What one compiled version of a site segment reduces. mean: merge instead of drop.
+    A tuple: it is part of the key a segment looks its compiled code up by at every call, and a
+    tuple hashes and compares in C (a frozen dataclass runs Python code for both)."""
 
     reduce_q: bool
     reduce_kv: bool
