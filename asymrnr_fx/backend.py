@@ -269,15 +269,14 @@ class SymmetricReducer(_Reducer):
     def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, points, matcher: CompiledMatcher):
         self.rt, self.site, self.points, self.grid, self.matcher = rt, site, points, site.grid, matcher
         self.x_pos = _placeholder_index(gm, points.x)
-        self.n_dst = tokens.count_windows(site.grid, rt.config.reduction.dst_stride)
         lay = site.layout
         self.x_layout = lay if points.x_full else tokens.Layout(0, lay.n_visual, True)
         self.mean = rt.config.reduction.reduce_mode == "mean"
+        self.decide = SiteDecision(rt, site, tokens.count_windows(site.grid, rt.config.reduction.dst_stride), self.mean)
 
     def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
-        n_keep, _ = self.rt.site_lengths(self.site, self.n_dst)
-        self.rt.record(self.site, n_keep, n_keep)
-        if n_keep == self.site.layout.n_visual:
+        v, n_keep, _ = self.decide()  # the hidden ratio keeps one length for queries and keys/values
+        if v.dense:
             return None
         return ("h", n_keep), self._plan_inputs(args, n_keep)
 
