@@ -1,19 +1,18 @@
 """The `asymrnr` torch.compile backend.
 
-    Dynamo graph --find sites--> cut at reducible attention calls --> per segment, per
-    (reduced lengths) variant: rewrite attention, compile with Inductor (lazily, cached)
+    Dynamo graph --find sites--> cut into spans of blocks --> per segment, per (reduced lengths,
+    matched sides) variant: rewrite its attention sites, compile with Inductor (lazily, cached)
 
-Why segments: reduced lengths change per block and per step, and a static graph per step
-pattern would recompile the whole model for every new pattern. A segment spans one block, so a
-variant compiled for one (q, kv) length pair serves every block of that structure; the number
-of compilations is bounded by the distinct length pairs of the schedule, not by the steps.
-Matchings are computed between segments (once per cache window, by a compiled matching shared
-by every site of one shape) from the site's query / value inputs, and passed to the compiled
-segment as inputs; the segment builds its index tensors (the plan for its lengths) itself.
-
-Where the schedule has few patterns of lengths over the steps and nothing is cached, the graph is
-not cut (`GraphReducer`): one program per pattern reduces every site, and matches them inside
-the graph on the call that opens a window; a constant schedule compiles two programs.
+Why spans: reduced lengths change per block and per step, and a static graph per step pattern
+would recompile the whole model for every new pattern. Consecutive blocks whose sites see few
+patterns over the steps form one span (`span_starts`): one program per pattern reduces all of
+its sites, and on the call that opens a matching window computes their matchings inside the
+graph and returns them; the calls that reuse them pass them back in, and the segment builds its
+index tensors (the plan for its lengths) itself. A constant schedule gives one span, the uncut
+graph (two programs: one that matches, one that reuses); a schedule whose pattern changes in
+every block gives one span per block. `segments="sites"` cuts at every site instead (segments
+of identical blocks share compiled code). The symmetric mode cuts at every site, and matches
+between segments by one compiled matching program per shape.
 """
 
 from __future__ import annotations
@@ -230,38 +229,6 @@ class SiteDecision:
         return value
 
 
-class AsymmetricReducer(_Reducer):
-    """A segment that starts with a reducible attention call: queries and keys/values reduced
-    by their own lengths, matched on Q and on V."""
-
-    def __init__(self, gm: fx.GraphModule, rt: AsymRnRRuntime, site: sites.Site, matcher: CompiledMatcher):
-        self.rt, self.site, self.grid, self.matcher = rt, site, site.grid, matcher
-        args = sites.sdpa_arguments(next(n for n in gm.graph.nodes if n.name == site.node_name))
-        self.pos = {f: _placeholder_index(gm, args[name].name) for f, name in (("q", "query"), ("v", "value"))}
-        n_dst = tokens.count_windows(site.grid, rt.config.reduction.dst_stride)
-        self.decide = SiteDecision(rt, site, n_dst, rt.config.reduction.reduce_mode == "mean")
-
-    def variant(self, args: Sequence[Any]) -> tuple[Any, list[torch.Tensor]] | None:
-        """(compile key, matching inputs) for this step, or None when the site stays dense."""
-        v, nq, nkv = self.decide()
-        return None if v.dense else ((v, nq, nkv), self._matching_inputs(args, v))
-
-    def rewrite(self, gm: fx.GraphModule, key: Any) -> fx.GraphModule:
-        v, nq, nkv = key
-        return ra.rewrite_site(gm, self.site.node_name, v, {"q": nq, "kv": nkv}, self.site.layout, self.rt.rewrites)
-
-    def _matching_inputs(self, args: Sequence[Any], v: ra.Variant) -> list[torch.Tensor]:
-        """This window's matchings: queries matched on Q, keys and values together on V (the
-        segment builds its plans from them)."""
-        matchings = {}
-        for side, feature, on in (("q", "q", v.reduce_q), ("kv", "v", v.reduce_kv)):
-            if on:
-                x = args[self.pos[feature]]
-                cached = self.rt.matching(self.site, feature, lambda x=x: x, self.site.layout, self.grid, self.matcher)
-                matchings[side] = cached.matching
-        return ra.matching_inputs(v, matchings)
-
-
 class SymmetricReducer(_Reducer):
     """A segment that starts at a site's Q/K/V projections (symmetric mode): the hidden state is
     reduced before them, one matching on the batch mean."""
@@ -297,7 +264,7 @@ class SymmetricReducer(_Reducer):
         return sym.plan_inputs(full, vis, self.points, self.mean)
 
 
-MAX_GRAPH_PATTERNS = 2  # schedules with more patterns of lengths over the steps cut at their sites
+MAX_GRAPH_PATTERNS = 2  # patterns of lengths over the steps one span's sites may see (`span_starts`)
 
 
 def matching_constants(rt: AsymRnRRuntime, layout: tokens.Layout) -> tuple:
@@ -401,23 +368,67 @@ def _symmetric_points(gm: fx.GraphModule, info: sites.ModelInfo, rt: AsymRnRRunt
     return points
 
 
-def _reduction_cuts(gm: fx.GraphModule, info: sites.ModelInfo, rt: AsymRnRRuntime) -> dict[str, Any]:
-    """Cut node -> the reducer of the segment it starts (none when nothing is reduced)."""
-    if rt.schedule.all_zero:
-        return {}
-    symmetric = rt.schedule.symmetric
-    points = _symmetric_points(gm, info, rt) if symmetric else {}
-    reducible = [s for s in info.sites if s.reducible and (not symmetric or s.index in points)]
+def _symmetric_cuts(gm: fx.GraphModule, info: sites.ModelInfo, rt: AsymRnRRuntime) -> dict[str, tuple]:
+    """Symmetric mode: cut node -> (site, points) of the segment it starts, at every site."""
+    points = _symmetric_points(gm, info, rt)
+    reducible = [s for s in info.sites if s.reducible and s.index in points]
     rt.active_sites = {s.path for s in reducible}
-    rt.symmetric_points = {s.path: points[s.index] for s in reducible if symmetric}
-    if symmetric:
-        return {points[s.index].cut: (s, points[s.index]) for s in reducible}
-    return {s.node_name: (s, None) for s in reducible}
+    rt.symmetric_points = {s.path: points[s.index] for s in reducible}
+    return {points[s.index].cut: (s, points[s.index]) for s in reducible}
 
 
-def _reducer(sub: fx.GraphModule, rt: AsymRnRRuntime, found: Any, matcher: CompiledMatcher):
-    site, points = found
-    return AsymmetricReducer(sub, rt, site, matcher) if points is None else SymmetricReducer(sub, rt, site, points, matcher)
+def _asymmetric_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> dict[str, int]:
+    """Asymmetric mode: cut node -> block of the segment it starts. `segments="sites"` cuts at
+    every reducible site, "graph" nowhere, "auto" at the first block of every reduction span but
+    the first (`span_starts`). One `GraphReducer` reduces the sites of each segment."""
+    reducible = [s for s in info.sites if s.reducible]
+    rt.active_sites = {s.path for s in reducible}
+    if cfg.segments == "sites":
+        return {s.node_name: s.block for s in reducible}
+    starts = span_starts(rt, reducible) if cfg.segments == "auto" else []
+    if not starts:
+        return {}
+    bounds = blocks.find_bounds(gm.graph, info.adapter, info.block_offsets, info.num_blocks)
+    return {bounds.starts[b]: b for b in starts}
+
+
+def span_starts(rt: AsymRnRRuntime, reducible: list[sites.Site]) -> list[int]:
+    """Blocks that start a reduction span, the first span's excepted: consecutive blocks grouped
+    so that the sites of one span see at most `MAX_GRAPH_PATTERNS` patterns of kept lengths over
+    the schedule's steps (each pattern compiles the span twice: for the call that opens a
+    matching window and for the calls that reuse it). A schedule of so few patterns gives one
+    span (the graph is not cut); a block whose own sites see more is a span alone."""
+    steps = rt.schedule.shape[1] if rt.schedule.shape is not None else 1
+    by_block: dict[int, list[sites.Site]] = {}
+    for s in reducible:
+        by_block.setdefault(s.block, []).append(s)
+    starts, span_columns = [], None
+    for block in sorted(by_block):
+        columns = _length_columns(rt, by_block[block], steps)
+        joined = columns if span_columns is None else [a + b for a, b in zip(span_columns, columns)]
+        if span_columns is not None and len(set(joined)) > MAX_GRAPH_PATTERNS:
+            starts.append(block)
+            joined = columns
+        span_columns = joined
+    return starts
+
+
+def _length_columns(rt: AsymRnRRuntime, group: list[sites.Site], steps: int) -> list[tuple]:
+    """Per step, the (queries, keys/values) kept at each site of `group`."""
+    stride = rt.config.reduction.dst_stride
+    n_dst = [tokens.count_windows(s.grid, stride) for s in group]
+    return [tuple(rt.site_lengths(s, n, t) for s, n in zip(group, n_dst)) for t in range(steps)]
+
+
+def _segment_reducer(sub: fx.GraphModule, rt: AsymRnRRuntime, found: tuple | None, reducible: list[sites.Site],
+                     matcher: CompiledMatcher) -> _Reducer | None:
+    """A symmetric site's reducer where `found` (its site and points), else a `GraphReducer` over
+    the reducible sites inside `sub` (None where it has none)."""
+    if found is not None:
+        return SymmetricReducer(sub, rt, *found, matcher)
+    names = {n.name for n in sub.graph.nodes}
+    inside = [s for s in reducible if s.node_name in names]
+    return GraphReducer(rt, inside) if inside else None
 
 
 def _cache_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -> tuple[dict[str, int], str | None]:
@@ -434,37 +445,25 @@ def _cache_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig) -
     return {starts[i]: i for i in (a, b) if starts[i] is not None}, signal
 
 
-def _uncut_sites(info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> list[sites.Site] | None:
-    """The sites a `GraphReducer` reduces in the uncut graph, or None where the graph is cut at
-    its sites: `segments="sites"`, a cache (it needs block boundaries), the symmetric mode, or
-    with `segments="auto"` a schedule of more than `MAX_GRAPH_PATTERNS` step patterns (each
-    compiles the whole model twice; `segments="graph"` accepts that)."""
-    schedule = rt.schedule
-    if cfg.segments == "sites" or cfg.cache is not None or schedule.symmetric or schedule.all_zero:
-        return None
-    if cfg.segments == "auto" and schedule.step_patterns > MAX_GRAPH_PATTERNS:
-        return None
-    reducible = [s for s in info.sites if s.reducible]
-    rt.active_sites = {s.path for s in reducible}
-    return reducible
-
-
 def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> fx.GraphModule:
-    """Cut at reducible attention calls (and block boundaries for the cache); each piece becomes
-    a lazily compiled `_Segment`; with the cache on, the pieces are grouped around its span. A
-    graph that `_uncut_sites` keeps whole is one segment with a `GraphReducer`."""
+    """Cut at reduction spans or sites (`_asymmetric_cuts`, `_symmetric_cuts`) and at block
+    boundaries for the cache; each piece becomes a lazily compiled `_Segment`; with the cache on,
+    the pieces are grouped around its span."""
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Dynamo's graph stays as it was
-    uncut = _uncut_sites(info, cfg, rt)
-    reducers = _reduction_cuts(gm, info, rt) if uncut is None else {}
+    schedule = rt.schedule
+    symmetric = _symmetric_cuts(gm, info, rt) if schedule.symmetric else {}
+    asymmetric = not (schedule.symmetric or schedule.all_zero)
+    cut_blocks = _asymmetric_cuts(gm, info, cfg, rt) if asymmetric else {}
+    reducible = [s for s in info.sites if s.reducible] if asymmetric else []
     block_starts, signal = _cache_cuts(gm, info, cfg)
-    top, names, firsts = segment.split_at(gm, [*reducers, *block_starts])
+    cut_blocks.update(block_starts)
+    top, names, firsts = segment.split_at(gm, [*symmetric, *cut_blocks])
     block, part_blocks, matcher = -1, {}, CompiledMatcher(rt)  # -1: the prologue
     for k, name in enumerate(names):
-        sub, found = getattr(top, name), reducers.get(firsts[name])
-        block = block_starts.get(firsts[name], found[0].block if found is not None else block)
+        sub, found = getattr(top, name), symmetric.get(firsts[name])
+        block = cut_blocks.get(firsts[name], found[0].block if found is not None else block)
         part_blocks[name] = block
-        reducer = _reducer(sub, rt, found, matcher) if found is not None else None
-        reducer = GraphReducer(rt, uncut) if uncut is not None else reducer
+        reducer = _segment_reducer(sub, rt, found, reducible, matcher)
         seg = _Segment(sub, rt, _activation_positions(top, name), reducer)
         if k < len(names) - 1:
             _contiguous_outputs(sub)

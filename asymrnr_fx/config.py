@@ -132,11 +132,12 @@ REDUCTION_FIELDS = tuple(f.name for f in dataclasses.fields(Reduction))
 class AsymRnRConfig:
     """Everything `backend="asymrnr"` does to one model: the token reduction (`Reduction`), the
     feature cache (`BlockCache` / `SkipCache` / None), and how segments compile and steps are
-    tracked. `segments`: "auto" compiles the model as one graph, all of its sites reduced, where
-    nothing is cached and the schedule has at most `backend.MAX_GRAPH_PATTERNS` patterns of
-    lengths over the steps (a constant one has one), and cuts it at every reducible site
-    otherwise; "sites" always cuts it there; "graph" never cuts it (asymmetric mode, no cache),
-    at the price of compiling the whole model twice per pattern. The reduction's fields may be
+    tracked. `segments`: "auto" cuts the model into spans of consecutive blocks whose sites see at
+    most `backend.MAX_GRAPH_PATTERNS` patterns of lengths over the steps (a constant schedule:
+    one span, the whole graph; `backend.span_starts`), and also at the blocks a cache needs;
+    "sites" cuts it at every reducible site; "graph" never cuts it (asymmetric mode, no cache),
+    at the price of compiling the whole model twice per pattern. The symmetric mode cuts at every
+    site. The reduction's fields may be
     given directly, e.g. `AsymRnRConfig(q_ratio=0.3, kv_ratio=0.3, cache=BlockCache())`, or as
     `reduction=Reduction(...)` (not both)."""
 

@@ -69,17 +69,41 @@ def test_uncut_graph_keeps_a_matching_per_context():
 
 
 def test_many_step_patterns_a_cache_or_the_symmetric_mode_cut_the_graph():
+    """A ramp of 5 patterns in every block: one span per block (one cut, at block 1); the
+    symmetric mode cuts at both sites; a cache at its span's bounds."""
     model, inputs = tiny_cogvideox(), cogvideox_inputs()
     ramp = Schedule(q=torch.linspace(0.1, 0.5, 5).repeat(2, 1), kv=0.3)
     assert ramp.step_patterns == 5 and Schedule.constant(q=0.5).step_patterns == 1
     two = Schedule(q=torch.tensor([[0.5, 0.5, 0.2], [0.5, 0.5, 0.2]]))
     assert two.step_patterns == 2
-    for kw, segments in (({"schedule": ramp}, 3), ({"schedule": two}, 1), ({"h_ratio": 0.5, "q_ratio": 0.0, "kv_ratio": 0.0}, 3),
+    for kw, segments in (({"schedule": ramp}, 2), ({"schedule": two}, 1), ({"h_ratio": 0.5, "q_ratio": 0.0, "kv_ratio": 0.0}, 3),
                          ({"q_ratio": 0.5, "cache": BlockCache()}, None)):
         compiled = asymrnr_fx.compile(model, AsymRnRConfig(compiler="aot_eager", **kw))
         run(compiled, inputs, 900.0)
         got = compiled.asymrnr.stats["segments"]
         assert got == segments if segments is not None else got > 1, kw
+
+
+def test_spans_group_blocks_of_few_patterns_together():
+    """Blocks 0-1 change their ratio at the same step (2 patterns together: one span), block 2 at
+    another (3 patterns with it: a span of its own), block 3 reduces keys/values only, at one
+    ratio (it joins block 2's span). The spans give what the graph cut at every site gives, with 2 programs per pattern
+    of each span at most and no recompile."""
+    model, inputs = tiny_cogvideox(num_layers=4), cogvideox_inputs()
+    q = torch.tensor([[0.5] * 3 + [0.2] * 3, [0.5] * 3 + [0.2] * 3, [0.5] * 5 + [0.3], [0.0] * 6])
+    schedule = Schedule(q=q, kv=0.3)
+    assert schedule.step_patterns == 3
+    compiled = pair(model, schedule=schedule, matching_every=2)
+    outs = {seg: generate(c, inputs, TIMESTEPS[:6]) for seg, c in compiled.items()}
+    for a, b in zip(outs["auto"], outs["sites"], strict=True):
+        assert torch.equal(a, b)
+    spans, cut = (compiled[s].asymrnr for s in ("auto", "sites"))
+    assert spans.stats["segments"] == 2 and cut.stats["segments"] == 5
+    assert spans.used_lengths == cut.used_lengths
+    assert spans.stats["matchings"] == cut.stats["matchings"] == 3 * (3 + 4)  # windows x (q of 3 sites, v of 4)
+    # windows open at steps 0, 2, 4. Span 0: 2 patterns x (matching, reuse); span 1: 0.5 x
+    # (matching, reuse) and 0.3 (step 5 only, a reuse)
+    assert spans.stats["compiles"] == 2 * 2 + 3
 
 
 def test_segments_graph_keeps_a_many_pattern_schedule_whole():
