@@ -59,11 +59,13 @@ def test_segment_compiled_for_one_input_dtype_is_not_reused_for_another():
     compiled = asymrnr_fx.compile(model, AsymRnRConfig(compiler="eager", segments="sites", **CFG))
     rt = compiled.asymrnr
     with torch.no_grad():
-        compiled(**inputs, timestep=torch.full((1,), 900.0), return_dict=False)
+        for t in (900.0, 890.0):  # the window's call that matches, and one that reuses
+            compiled(**inputs, timestep=torch.full((1,), t), return_dict=False)
         before = rt.stats["compiles"]
-        compiled(**inputs, timestep=torch.full((1,), 890.0), return_dict=False)
+        for t in (880.0, 870.0):
+            compiled(**inputs, timestep=torch.full((1,), t), return_dict=False)
         assert rt.stats["compiles"] == before  # same dtype: everything reused
-        compiled(**inputs, timestep=torch.full((1,), 880.0, dtype=torch.bfloat16), return_dict=False)
+        compiled(**inputs, timestep=torch.full((1,), 860.0, dtype=torch.bfloat16), return_dict=False)
     assert rt.stats["compiles"] > before
 
 
