@@ -377,11 +377,11 @@ def _symmetric_cuts(gm: fx.GraphModule, info: sites.ModelInfo, rt: AsymRnRRuntim
     return {points[s.index].cut: (s, points[s.index]) for s in reducible}
 
 
-def _asymmetric_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime) -> dict[str, int]:
+def _asymmetric_cuts(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig, rt: AsymRnRRuntime,
+                     reducible: list[sites.Site]) -> dict[str, int]:
     """Asymmetric mode: cut node -> block of the segment it starts. `segments="sites"` cuts at
     every reducible site, "graph" nowhere, "auto" at the first block of every reduction span but
     the first (`span_starts`). One `GraphReducer` reduces the sites of each segment."""
-    reducible = [s for s in info.sites if s.reducible]
     rt.active_sites = {s.path for s in reducible}
     if cfg.segments == "sites":
         return {s.node_name: s.block for s in reducible}
@@ -453,8 +453,8 @@ def build_segments(gm: fx.GraphModule, info: sites.ModelInfo, cfg: AsymRnRConfig
     schedule = rt.schedule
     symmetric = _symmetric_cuts(gm, info, rt) if schedule.symmetric else {}
     asymmetric = not (schedule.symmetric or schedule.all_zero)
-    cut_blocks = _asymmetric_cuts(gm, info, cfg, rt) if asymmetric else {}
     reducible = [s for s in info.sites if s.reducible] if asymmetric else []
+    cut_blocks = _asymmetric_cuts(gm, info, cfg, rt, reducible) if asymmetric else {}
     block_starts, signal = _cache_cuts(gm, info, cfg)
     cut_blocks.update(block_starts)
     top, names, firsts = segment.split_at(gm, [*symmetric, *cut_blocks])
